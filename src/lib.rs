@@ -1,0 +1,59 @@
+//! # memtel
+//!
+//! Measured process memory for Rust services, in the two forms their users consume:
+//! OpenTelemetry metrics (observable instruments, exported over OTLP by your SDK
+//! pipeline) and a JSON document at `GET /api/v1/memory/profile`.
+//!
+//! Every number is measured: resident and virtual size from `/proc/self/statm`, the
+//! exact peak of this process image, jemalloc's own statistics, the limit the kernel
+//! will enforce (the cgroup's, else RAM), and per-component bytes your components
+//! report. One [`Snapshot`] feeds both views.
+//!
+//! ```no_run
+//! # #[global_allocator]
+//! # static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+//! use opentelemetry::metrics::MeterProvider;
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let monitor = memtel::MemoryMonitor::builder()
+//!     .thresholds(memtel::Thresholds::new(0.80, 0.90)?)
+//!     .build();
+//! let cache: std::sync::Arc<std::sync::Mutex<Vec<u8>>> = Default::default();
+//! let held = cache.clone();
+//! monitor.component("cache", move || held.lock().unwrap().capacity() as u64)?;
+//!
+//! // Metrics: register the instruments with your meter provider.
+//! let provider = opentelemetry::global::meter_provider();
+//! memtel::register(&monitor, &provider.meter_with_scope(memtel::scope()));
+//!
+//! // JSON: merge the route into your axum app.
+//! let app = axum::Router::new().merge(memtel::router(monitor.clone()));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! axum::serve(listener, app).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! ## Features
+//! - `jemalloc` (default): jemalloc statistics. Your binary must still make jemalloc
+//!   its `#[global_allocator]`; memtel detects whether it is and reports `None` otherwise.
+//! - `http` (default): [`router`], the JSON view on axum.
+//! - `service` (default): the `memtel` binary's dependencies (SDK, OTLP exporter,
+//!   settings). Libraries take `default-features = false, features = ["jemalloc"]`.
+#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
+
+mod error;
+mod monitor;
+mod otel;
+mod snapshot;
+mod source;
+
+#[cfg(feature = "http")]
+mod http;
+
+pub use error::Error;
+pub use monitor::{MemoryMonitor, MemoryMonitorBuilder, MAX_COMPONENTS, OTHER_COMPONENT};
+pub use otel::{register, scope, Instrument, MetricDef, METRICS};
+pub use snapshot::{classify, ComponentUsage, JemallocStats, Limit, LimitSource, Pressure, Snapshot, Thresholds};
+
+#[cfg(feature = "http")]
+pub use http::{router, ErrorBody, JemallocProfile, MemoryProfile, ProfileStats, PROFILE_PATH};

@@ -1,0 +1,116 @@
+//! The `memtel` service: settings → monitor → OpenTelemetry pipeline → HTTP server.
+
+mod service;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use axum::routing::get;
+use memtel::MemoryMonitor;
+
+use service::pipeline::{OtelSettings, Pipeline};
+use service::settings::Settings;
+use service::{demo, diagnostics};
+
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// How long shutdown waits for the last metrics flush.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn main() -> ExitCode {
+    let (settings, otel) = match Settings::load().and_then(|s| Ok((s, OtelSettings::from_env()?))) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("memtel: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    diagnostics::init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start the async runtime: {e}")),
+    };
+    // Bind first: an address in use is reported before anything else starts.
+    let listener = match runtime.block_on(tokio::net::TcpListener::bind(settings.listen)) {
+        Ok(l) => l,
+        Err(e) => {
+            return fail(format!(
+                "cannot listen on {} (--listen / MEMTEL_LISTEN): {e}",
+                settings.listen
+            ))
+        }
+    };
+    let _context = runtime.enter();
+    let pipeline = match Pipeline::start(&otel) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("memtel: {e}");
+            return ExitCode::from(2);
+        }
+    };
+
+    let mut builder = MemoryMonitor::builder().thresholds(settings.thresholds);
+    if let Some(bytes) = settings.limit_bytes {
+        builder = builder.limit_bytes(bytes);
+    }
+    let monitor = builder.build();
+    if let Some(meter) = pipeline.meter() {
+        memtel::register(&monitor, &meter);
+    }
+    if settings.demo {
+        if let Err(e) = demo::start(&monitor) {
+            return fail(format!("cannot start the demo workload: {e}"));
+        }
+    }
+    let limit = monitor.limit();
+    tracing::info!(
+        listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        limit_bytes = limit.map(|l| l.bytes),
+        limit_source = limit.map(|l| l.source.as_str()),
+        jemalloc = monitor.jemalloc_available(),
+        demo = settings.demo,
+        "memtel serving {}",
+        memtel::PROFILE_PATH
+    );
+
+    let app = axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .merge(memtel::router(monitor));
+    let served = runtime.block_on(async {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+    });
+    drop(_context);
+    drop(runtime);
+    pipeline.shutdown(FLUSH_TIMEOUT);
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(format!("server failed: {e}")),
+    }
+}
+
+fn fail(message: String) -> ExitCode {
+    eprintln!("memtel: {message}");
+    ExitCode::from(1)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return interrupt.await.unwrap_or(()),
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,353 @@
+//! [`MemoryMonitor`]: the sources, the component registry and the latest snapshot.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::snapshot::{classify, utilization, ComponentUsage, Limit, LimitSource, Snapshot, Thresholds};
+use crate::source::{limit, peak::Peak, statm::Statm};
+use crate::Error;
+
+/// At most this many components can be registered, so metric attribute sets stay bounded.
+pub const MAX_COMPONENTS: usize = 64;
+
+/// The name of the heap remainder, reserved.
+pub const OTHER_COMPONENT: &str = "other";
+
+type Report = Box<dyn Fn() -> u64 + Send + Sync>;
+
+struct Component {
+    name: Arc<str>,
+    report: Report,
+}
+
+/// Reads the process's memory and hands out [`Snapshot`]s.
+///
+/// Cheap to clone (an `Arc` inside): give one to the HTTP router, one to the
+/// OpenTelemetry callbacks, one to your own code. Every clone shares the sources,
+/// the component registry and the latest snapshot.
+///
+/// ```
+/// # #[global_allocator]
+/// # static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+/// use std::sync::{atomic::{AtomicU64, Ordering}, Arc};
+///
+/// let monitor = memtel::MemoryMonitor::builder()
+///     .limit_bytes(2 << 30)
+///     .thresholds(memtel::Thresholds::new(0.80, 0.90)?)
+///     .build();
+///
+/// let cache_bytes = Arc::new(AtomicU64::new(0));
+/// let reported = cache_bytes.clone();
+/// monitor.component("cache", move || reported.load(Ordering::Relaxed))?;
+/// cache_bytes.store(4096, Ordering::Relaxed);
+///
+/// let snap = monitor.snapshot();
+/// assert_eq!(snap.limit.unwrap().bytes, 2 << 30);
+/// assert_eq!(snap.components[0].bytes, 4096);
+/// # Ok::<(), memtel::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct MemoryMonitor {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    statm: Option<Statm>,
+    peak: Option<Peak>,
+    #[cfg(feature = "jemalloc")]
+    jemalloc: Option<crate::source::jemalloc::Jemalloc>,
+    jemalloc_max_age: Duration,
+    limit: Option<Limit>,
+    thresholds: Thresholds,
+    components: RwLock<Vec<Component>>,
+    cache_window: Duration,
+    latest: Mutex<Option<(Instant, Arc<Snapshot>)>>,
+}
+
+impl std::fmt::Debug for MemoryMonitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryMonitor")
+            .field("limit", &self.inner.limit)
+            .field("thresholds", &self.inner.thresholds)
+            .field("jemalloc", &self.jemalloc_available())
+            .field("cache_window", &self.inner.cache_window)
+            .field("jemalloc_max_age", &self.inner.jemalloc_max_age)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for MemoryMonitor {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryMonitor {
+    /// A monitor with every default: detected limit, thresholds 0.80 / 0.90.
+    pub fn new() -> Self {
+        Self::builder().build()
+    }
+
+    /// A builder to set the limit, thresholds and freshness bounds.
+    pub fn builder() -> MemoryMonitorBuilder {
+        MemoryMonitorBuilder::default()
+    }
+
+    /// Registers a component whose live bytes `report` returns.
+    ///
+    /// `report` is called once per snapshot, so it must be cheap (read an atomic, a
+    /// `len()`); a panic in it leaves the component out of that snapshot. Its bytes
+    /// count as heap bytes: the `other` component is the live heap minus the sum of
+    /// all components.
+    ///
+    /// # Errors
+    /// A name that is empty, longer than 64 characters or outside `[A-Za-z0-9_.-]`,
+    /// `other`, a name already registered, or more than [`MAX_COMPONENTS`].
+    pub fn component<F>(&self, name: &str, report: F) -> Result<(), Error>
+    where
+        F: Fn() -> u64 + Send + Sync + 'static,
+    {
+        validate_component_name(name)?;
+        let mut components = self.inner.components.write().unwrap_or_else(|p| p.into_inner());
+        if components.iter().any(|c| &*c.name == name) {
+            return Err(Error::DuplicateComponent(name.to_owned()));
+        }
+        if components.len() >= MAX_COMPONENTS {
+            return Err(Error::TooManyComponents { max: MAX_COMPONENTS });
+        }
+        components.push(Component {
+            name: Arc::from(name),
+            report: Box::new(report),
+        });
+        Ok(())
+    }
+
+    /// The latest snapshot, taken fresh when the last one is older than the cache
+    /// window (5 ms by default).
+    ///
+    /// OpenTelemetry calls each observable instrument's callback separately; the
+    /// window makes every callback of one collection, and one JSON response, read the
+    /// same snapshot, so usage, limit and utilization agree with each other.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        let mut latest = self.inner.latest.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, snap)) = latest.as_ref() {
+            if at.elapsed() < self.inner.cache_window {
+                return Arc::clone(snap);
+            }
+        }
+        // Taken while holding the lock: concurrent callers wait for this one rather
+        // than all reading the sources at once.
+        let snap = Arc::new(self.take());
+        *latest = Some((Instant::now(), Arc::clone(&snap)));
+        snap
+    }
+
+    /// The effective limit, fixed when the monitor was built.
+    pub fn limit(&self) -> Option<Limit> {
+        self.inner.limit
+    }
+
+    /// The pressure thresholds.
+    pub fn thresholds(&self) -> Thresholds {
+        self.inner.thresholds
+    }
+
+    /// Whether jemalloc is the global allocator and its stats are available.
+    pub fn jemalloc_available(&self) -> bool {
+        #[cfg(feature = "jemalloc")]
+        {
+            self.inner.jemalloc.is_some()
+        }
+        #[cfg(not(feature = "jemalloc"))]
+        {
+            false
+        }
+    }
+
+    fn take(&self) -> Snapshot {
+        let inner = &*self.inner;
+        let taken_at = SystemTime::now();
+        let statm = inner.statm.as_ref().and_then(Statm::read);
+        let rss = statm.map(|s| s.resident_bytes);
+        // Both high-water figures are updated lazily: never report a peak below now.
+        let peak = inner
+            .peak
+            .as_ref()
+            .and_then(Peak::read)
+            .map(|p| p.max(rss.unwrap_or(0)));
+        #[cfg(feature = "jemalloc")]
+        let jemalloc = inner.jemalloc.as_ref().and_then(|j| j.read(inner.jemalloc_max_age));
+        #[cfg(not(feature = "jemalloc"))]
+        let jemalloc: Option<crate::snapshot::JemallocStats> = None;
+        let heap = jemalloc.map(|j| j.allocated);
+
+        let components: Vec<ComponentUsage> = {
+            let registry = inner.components.read().unwrap_or_else(|p| p.into_inner());
+            registry
+                .iter()
+                .filter_map(|c| {
+                    let bytes = catch_unwind(AssertUnwindSafe(|| (c.report)())).ok()?;
+                    Some(ComponentUsage {
+                        name: Arc::clone(&c.name),
+                        bytes,
+                    })
+                })
+                .collect()
+        };
+        let reported: u64 = components.iter().map(|c| c.bytes).fold(0, u64::saturating_add);
+        let other = heap.map(|h| h.saturating_sub(reported));
+
+        Snapshot {
+            taken_at,
+            rss_bytes: rss,
+            virtual_bytes: statm.map(|s| s.virtual_bytes),
+            peak_rss_bytes: peak,
+            limit: inner.limit,
+            heap_allocated_bytes: heap,
+            jemalloc,
+            components,
+            other_bytes: other,
+            pressure: classify(utilization(rss, inner.limit), &inner.thresholds),
+        }
+    }
+}
+
+fn validate_component_name(name: &str) -> Result<(), Error> {
+    let valid_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if name.is_empty() || name.len() > 64 || !valid_chars {
+        return Err(Error::InvalidComponentName(name.to_owned()));
+    }
+    if name == OTHER_COMPONENT {
+        return Err(Error::ReservedComponentName(name.to_owned()));
+    }
+    Ok(())
+}
+
+/// Builds a [`MemoryMonitor`].
+#[derive(Debug, Clone)]
+pub struct MemoryMonitorBuilder {
+    limit_bytes: Option<u64>,
+    thresholds: Thresholds,
+    cache_window: Duration,
+    jemalloc_max_age: Duration,
+}
+
+impl Default for MemoryMonitorBuilder {
+    fn default() -> Self {
+        Self {
+            limit_bytes: None,
+            thresholds: Thresholds::default(),
+            cache_window: Duration::from_millis(5),
+            jemalloc_max_age: Duration::from_millis(100),
+        }
+    }
+}
+
+impl MemoryMonitorBuilder {
+    /// An explicit limit (source `configured`). Defaults to the cgroup's limit when
+    /// the process runs in a limited cgroup, else physical RAM.
+    pub fn limit_bytes(mut self, bytes: u64) -> Self {
+        self.limit_bytes = Some(bytes);
+        self
+    }
+
+    /// Pressure thresholds. Defaults to 0.80 (warning) and 0.90 (critical).
+    pub fn thresholds(mut self, thresholds: Thresholds) -> Self {
+        self.thresholds = thresholds;
+        self
+    }
+
+    /// How long a snapshot is reused. Defaults to 5 ms: long enough for every
+    /// callback of one OpenTelemetry collection to share one snapshot, short enough
+    /// that every scrape and every request sees a fresh one. `Duration::ZERO` reads
+    /// the sources on every call.
+    pub fn cache_window(mut self, window: Duration) -> Self {
+        self.cache_window = window;
+        self
+    }
+
+    /// The oldest jemalloc figures a snapshot may carry. Defaults to 100 ms.
+    ///
+    /// jemalloc's stats only move when its `epoch` is advanced, which costs tens of
+    /// microseconds under a global lock; under a burst of requests it is advanced at
+    /// most once per this bound, and [`JemallocStats::age`](crate::JemallocStats::age)
+    /// says how old the figures are. `Duration::ZERO` advances it for every snapshot.
+    pub fn jemalloc_max_age(mut self, max_age: Duration) -> Self {
+        self.jemalloc_max_age = max_age;
+        self
+    }
+
+    /// Opens the sources and detects the limit. Never fails: what cannot be read is
+    /// `None` in every snapshot.
+    pub fn build(self) -> MemoryMonitor {
+        let limit = match self.limit_bytes {
+            Some(bytes) => Some(Limit::new(bytes, LimitSource::Configured)),
+            None => limit::detect(),
+        };
+        MemoryMonitor {
+            inner: Arc::new(Inner {
+                statm: Statm::open(),
+                peak: Peak::open(),
+                #[cfg(feature = "jemalloc")]
+                jemalloc: crate::source::jemalloc::Jemalloc::detect(),
+                jemalloc_max_age: self.jemalloc_max_age,
+                limit,
+                thresholds: self.thresholds,
+                components: RwLock::new(Vec::new()),
+                cache_window: self.cache_window,
+                latest: Mutex::new(None),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn component_names_are_validated() {
+        let m = MemoryMonitor::builder().limit_bytes(1 << 30).build();
+        assert!(m.component("cache", || 1).is_ok());
+        assert_eq!(
+            m.component("cache", || 1),
+            Err(Error::DuplicateComponent("cache".into()))
+        );
+        assert_eq!(
+            m.component("other", || 1),
+            Err(Error::ReservedComponentName("other".into()))
+        );
+        assert!(matches!(m.component("", || 1), Err(Error::InvalidComponentName(_))));
+        assert!(matches!(m.component("a b", || 1), Err(Error::InvalidComponentName(_))));
+        for i in 1..MAX_COMPONENTS {
+            m.component(&format!("c{i}"), || 0).unwrap();
+        }
+        assert_eq!(
+            m.component("one-more", || 0),
+            Err(Error::TooManyComponents { max: MAX_COMPONENTS })
+        );
+    }
+
+    #[test]
+    fn a_panicking_component_is_left_out() {
+        let m = MemoryMonitor::builder().cache_window(Duration::ZERO).build();
+        m.component("bad", || panic!("boom")).unwrap();
+        m.component("good", || 7).unwrap();
+        let snap = m.snapshot();
+        assert_eq!(snap.components.len(), 1);
+        assert_eq!(snap.components[0].bytes, 7);
+    }
+
+    #[test]
+    fn snapshots_are_reused_within_the_window() {
+        let m = MemoryMonitor::builder().cache_window(Duration::from_secs(60)).build();
+        let a = m.snapshot();
+        let b = m.snapshot();
+        assert!(Arc::ptr_eq(&a, &b));
+        let fresh = MemoryMonitor::builder().cache_window(Duration::ZERO).build();
+        assert!(!Arc::ptr_eq(&fresh.snapshot(), &fresh.snapshot()));
+    }
+}

@@ -1,0 +1,295 @@
+//! The OpenTelemetry view: the metrics contract as one table, registered as
+//! observable instruments that read the monitor's latest snapshot.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use opentelemetry::metrics::{AsyncInstrument, Meter};
+use opentelemetry::{InstrumentationScope, KeyValue, Value};
+
+use crate::monitor::OTHER_COMPONENT;
+use crate::snapshot::{Pressure, Snapshot};
+use crate::MemoryMonitor;
+
+/// The instrumentation scope memtel's instruments belong to: `memtel`, at this
+/// crate's version.
+///
+/// ```
+/// use opentelemetry::metrics::MeterProvider;
+/// # let provider = opentelemetry::global::meter_provider();
+/// let meter = provider.meter_with_scope(memtel::scope());
+/// # let _ = meter;
+/// ```
+pub fn scope() -> InstrumentationScope {
+    InstrumentationScope::builder("memtel")
+        .with_version(env!("CARGO_PKG_VERSION"))
+        .build()
+}
+
+/// Registers every instrument of the metrics contract on `meter`.
+///
+/// Each instrument is observable: its callback reads [`MemoryMonitor::snapshot`],
+/// which reuses one snapshot for all the callbacks of one collection. A callback that
+/// panics observes nothing for that collection instead of unwinding into the SDK.
+/// Use a meter with [`scope()`] so the data carries the `memtel` scope.
+///
+/// ```
+/// # #[global_allocator]
+/// # static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+/// use opentelemetry::metrics::MeterProvider;
+/// let provider = opentelemetry::global::meter_provider();
+/// let monitor = memtel::MemoryMonitor::new();
+/// memtel::register(&monitor, &provider.meter_with_scope(memtel::scope()));
+/// ```
+pub fn register(monitor: &MemoryMonitor, meter: &Meter) {
+    for def in METRICS {
+        let observe = def.observe;
+        let monitor = monitor.clone();
+        // Each callback reads the shared snapshot and forwards its values.
+        macro_rules! callback {
+            ($convert:expr) => {
+                move |inst: &dyn AsyncInstrument<_>| {
+                    let _ = catch_unwind(AssertUnwindSafe(|| {
+                        let snap = monitor.snapshot();
+                        observe(&snap, &mut |n: Num, attrs: &[KeyValue]| {
+                            inst.observe($convert(n), attrs)
+                        });
+                    }));
+                }
+            };
+        }
+        match def.instrument {
+            Instrument::UpDownCounterI64 => {
+                meter
+                    .i64_observable_up_down_counter(def.name)
+                    .with_unit(def.unit)
+                    .with_description(def.description)
+                    .with_callback(callback!(Num::as_i64))
+                    .build();
+            }
+            Instrument::GaugeI64 => {
+                meter
+                    .i64_observable_gauge(def.name)
+                    .with_unit(def.unit)
+                    .with_description(def.description)
+                    .with_callback(callback!(Num::as_i64))
+                    .build();
+            }
+            Instrument::GaugeF64 => {
+                meter
+                    .f64_observable_gauge(def.name)
+                    .with_unit(def.unit)
+                    .with_description(def.description)
+                    .with_callback(callback!(Num::as_f64))
+                    .build();
+            }
+            Instrument::CounterU64 => {
+                meter
+                    .u64_observable_counter(def.name)
+                    .with_unit(def.unit)
+                    .with_description(def.description)
+                    .with_callback(callback!(Num::as_u64))
+                    .build();
+            }
+        }
+    }
+}
+
+/// The kind of instrument a contract row is registered as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Instrument {
+    /// `ObservableUpDownCounter<i64>`: exported as a non-monotonic sum.
+    UpDownCounterI64,
+    /// `ObservableGauge<i64>`.
+    GaugeI64,
+    /// `ObservableGauge<f64>`.
+    GaugeF64,
+    /// `ObservableCounter<u64>`: exported as a monotonic sum.
+    CounterU64,
+}
+
+/// One row of the metrics contract.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct MetricDef {
+    /// The instrument name.
+    pub name: &'static str,
+    /// The instrument kind.
+    pub instrument: Instrument,
+    /// The UCUM unit.
+    pub unit: &'static str,
+    /// One sentence.
+    pub description: &'static str,
+    /// The attribute key its data points carry, if any.
+    pub attribute: Option<&'static str>,
+    observe: Observe,
+}
+
+type Observe = fn(&Snapshot, &mut dyn FnMut(Num, &[KeyValue]));
+
+#[derive(Debug, Clone, Copy)]
+enum Num {
+    U(u64),
+    F(f64),
+}
+
+impl Num {
+    fn as_i64(self) -> i64 {
+        match self {
+            Num::U(u) => i64::try_from(u).unwrap_or(i64::MAX),
+            Num::F(f) => f as i64,
+        }
+    }
+    fn as_u64(self) -> u64 {
+        match self {
+            Num::U(u) => u,
+            Num::F(f) => f as u64,
+        }
+    }
+    fn as_f64(self) -> f64 {
+        match self {
+            Num::U(u) => u as f64,
+            Num::F(f) => f,
+        }
+    }
+}
+
+fn bytes(value: Option<u64>, emit: &mut dyn FnMut(Num, &[KeyValue])) {
+    if let Some(v) = value {
+        emit(Num::U(v), &[]);
+    }
+}
+
+fn ratio(value: Option<f64>, emit: &mut dyn FnMut(Num, &[KeyValue])) {
+    if let Some(v) = value {
+        emit(Num::F(v), &[]);
+    }
+}
+
+/// The metrics contract (ARCHITECTURE.md), one row per instrument. Registration,
+/// tests and docs all read this table.
+pub const METRICS: &[MetricDef] = &[
+    MetricDef {
+        name: "process.memory.usage",
+        instrument: Instrument::UpDownCounterI64,
+        unit: "By",
+        description: "The amount of physical memory in use (resident set size).",
+        attribute: None,
+        observe: |s, emit| bytes(s.rss_bytes, emit),
+    },
+    MetricDef {
+        name: "process.memory.virtual",
+        instrument: Instrument::UpDownCounterI64,
+        unit: "By",
+        description: "The amount of committed virtual memory.",
+        attribute: None,
+        observe: |s, emit| bytes(s.virtual_bytes, emit),
+    },
+    MetricDef {
+        name: "memtel.memory.peak",
+        instrument: Instrument::GaugeI64,
+        unit: "By",
+        description: "The highest resident set size of this process since it started.",
+        attribute: None,
+        observe: |s, emit| bytes(s.peak_rss_bytes, emit),
+    },
+    MetricDef {
+        name: "memtel.memory.limit",
+        instrument: Instrument::UpDownCounterI64,
+        unit: "By",
+        description: "The memory limit that pressure is measured against.",
+        attribute: Some("memtel.limit.source"),
+        observe: |s, emit| {
+            if let Some(limit) = s.limit {
+                emit(
+                    Num::U(limit.bytes),
+                    &[KeyValue::new("memtel.limit.source", limit.source.as_str())],
+                );
+            }
+        },
+    },
+    MetricDef {
+        name: "process.memory.utilization",
+        instrument: Instrument::GaugeF64,
+        unit: "1",
+        description: "The resident set size as a fraction of the memory limit.",
+        attribute: None,
+        observe: |s, emit| ratio(s.utilization(), emit),
+    },
+    MetricDef {
+        name: "memtel.memory.pressure",
+        instrument: Instrument::UpDownCounterI64,
+        unit: "1",
+        description: "The memory pressure level as a state set: 1 for the current level, 0 for the others.",
+        attribute: Some("memtel.pressure.level"),
+        observe: |s, emit| {
+            for level in Pressure::ALL {
+                let value = u64::from(level == s.pressure);
+                emit(Num::U(value), &[KeyValue::new("memtel.pressure.level", level.as_str())]);
+            }
+        },
+    },
+    MetricDef {
+        name: "memtel.heap.allocated",
+        instrument: Instrument::UpDownCounterI64,
+        unit: "By",
+        description: "The bytes in live heap allocations.",
+        attribute: None,
+        observe: |s, emit| bytes(s.heap_allocated_bytes, emit),
+    },
+    MetricDef {
+        name: "jemalloc.memory",
+        instrument: Instrument::UpDownCounterI64,
+        unit: "By",
+        description: "jemalloc's memory statistics, by statistic.",
+        attribute: Some("jemalloc.stat"),
+        observe: |s, emit| {
+            if let Some(j) = s.jemalloc {
+                for (stat, value) in [
+                    ("allocated", j.allocated),
+                    ("active", j.active),
+                    ("resident", j.resident),
+                    ("metadata", j.metadata),
+                    ("mapped", j.mapped),
+                    ("retained", j.retained),
+                ] {
+                    emit(Num::U(value), &[KeyValue::new("jemalloc.stat", stat)]);
+                }
+            }
+        },
+    },
+    MetricDef {
+        name: "jemalloc.fragmentation",
+        instrument: Instrument::GaugeF64,
+        unit: "1",
+        description: "jemalloc's resident bytes divided by its allocated bytes.",
+        attribute: None,
+        observe: |s, emit| ratio(s.jemalloc.and_then(|j| j.fragmentation_ratio()), emit),
+    },
+    MetricDef {
+        name: "jemalloc.metadata.overhead",
+        instrument: Instrument::GaugeF64,
+        unit: "1",
+        description: "jemalloc's metadata bytes divided by its allocated bytes.",
+        attribute: None,
+        observe: |s, emit| ratio(s.jemalloc.and_then(|j| j.metadata_overhead_ratio()), emit),
+    },
+    MetricDef {
+        name: "memtel.component.usage",
+        instrument: Instrument::UpDownCounterI64,
+        unit: "By",
+        description: "The live bytes of each component, the heap remainder as other.",
+        attribute: Some("memtel.component"),
+        observe: |s, emit| {
+            for c in &s.components {
+                emit(
+                    Num::U(c.bytes),
+                    &[KeyValue::new("memtel.component", Value::from(c.name.clone()))],
+                );
+            }
+            if let Some(other) = s.other_bytes {
+                emit(Num::U(other), &[KeyValue::new("memtel.component", OTHER_COMPONENT)]);
+            }
+        },
+    },
+];

@@ -1,0 +1,210 @@
+//! The OpenTelemetry SDK pipeline, configured from the standard `OTEL_*` variables.
+
+use std::time::Duration;
+
+use opentelemetry::metrics::{Meter, MeterProvider as _};
+use opentelemetry::KeyValue;
+use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
+use opentelemetry_sdk::Resource;
+
+use super::settings::{parse_bool, SettingsError};
+
+/// Where metrics go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MetricsExporter {
+    Otlp,
+    Console,
+    None,
+}
+
+/// The OTLP transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OtlpProtocol {
+    Grpc,
+    HttpProtobuf,
+}
+
+/// The `OTEL_*` settings memtel validates itself (the exporter builders read
+/// endpoint, headers, timeout and compression from the same variables).
+#[derive(Debug, Clone)]
+pub(crate) struct OtelSettings {
+    pub(crate) exporter: MetricsExporter,
+    pub(crate) protocol: OtlpProtocol,
+    pub(crate) interval: Option<Duration>,
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+fn bad(name: &str, value: &str, expected: &str) -> SettingsError {
+    SettingsError(format!("invalid {name} {value:?}: {expected}"))
+}
+
+impl OtelSettings {
+    pub(crate) fn from_env() -> Result<Self, SettingsError> {
+        let disabled = match env("OTEL_SDK_DISABLED") {
+            Some(v) => parse_bool(&v).ok_or_else(|| bad("OTEL_SDK_DISABLED", &v, "expected true or false"))?,
+            None => false,
+        };
+        let exporter = match env("OTEL_METRICS_EXPORTER") {
+            _ if disabled => MetricsExporter::None,
+            None => MetricsExporter::Otlp,
+            Some(v) => match v.trim() {
+                "otlp" => MetricsExporter::Otlp,
+                "console" => MetricsExporter::Console,
+                "none" => MetricsExporter::None,
+                _ => return Err(bad("OTEL_METRICS_EXPORTER", &v, "expected otlp, console or none")),
+            },
+        };
+        let (protocol_var, protocol_value) = ["OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"]
+            .into_iter()
+            .find_map(|name| env(name).map(|v| (name, v)))
+            .unwrap_or(("", "http/protobuf".to_owned()));
+        let protocol = match protocol_value.trim() {
+            "grpc" => OtlpProtocol::Grpc,
+            "http/protobuf" => OtlpProtocol::HttpProtobuf,
+            _ => {
+                return Err(bad(
+                    protocol_var,
+                    &protocol_value,
+                    "expected grpc or http/protobuf (http/json is not supported)",
+                ))
+            }
+        };
+        let millis = |name: &str, allow_zero: bool| -> Result<Option<Duration>, SettingsError> {
+            match env(name) {
+                Some(v) => v
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|ms| allow_zero || *ms > 0)
+                    .map(|ms| Some(Duration::from_millis(ms)))
+                    .ok_or_else(|| bad(name, &v, "expected a whole number of milliseconds")),
+                None => Ok(None),
+            }
+        };
+        let interval = millis("OTEL_METRIC_EXPORT_INTERVAL", false)?;
+        millis("OTEL_EXPORTER_OTLP_TIMEOUT", true)?;
+        millis("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", true)?;
+        for name in ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"] {
+            if let Some(v) = env(name) {
+                if v.starts_with("https://") {
+                    return Err(bad(
+                        name,
+                        &v,
+                        "https needs TLS, which memtel does not include: send plaintext OTLP to a local collector and let it speak TLS",
+                    ));
+                }
+                if !v.starts_with("http://") {
+                    return Err(bad(name, &v, "expected a URL such as http://localhost:4318"));
+                }
+            }
+        }
+        for name in ["OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_METRICS_HEADERS"] {
+            if let Some(v) = env(name) {
+                let well_formed = v
+                    .split(',')
+                    .all(|pair| pair.split_once('=').is_some_and(|(k, _)| !k.trim().is_empty()));
+                if !well_formed {
+                    return Err(bad(name, &v, "expected key=value pairs separated by commas"));
+                }
+            }
+        }
+        Ok(Self {
+            exporter,
+            protocol,
+            interval,
+        })
+    }
+}
+
+/// The meter provider, if metrics are exported at all.
+pub(crate) struct Pipeline {
+    provider: Option<SdkMeterProvider>,
+}
+
+impl Pipeline {
+    /// Builds the provider. Must run inside a Tokio runtime context: the gRPC
+    /// exporter's channel is bound to it.
+    pub(crate) fn start(settings: &OtelSettings) -> Result<Self, SettingsError> {
+        let provider = match settings.exporter {
+            MetricsExporter::None => return Ok(Self { provider: None }),
+            MetricsExporter::Console => SdkMeterProvider::builder()
+                .with_reader(periodic(
+                    opentelemetry_stdout::MetricExporter::default(),
+                    settings.interval,
+                ))
+                .with_resource(resource())
+                .build(),
+            MetricsExporter::Otlp => {
+                let exporter = match settings.protocol {
+                    OtlpProtocol::Grpc => opentelemetry_otlp::MetricExporter::builder().with_tonic().build(),
+                    OtlpProtocol::HttpProtobuf => opentelemetry_otlp::MetricExporter::builder()
+                        .with_http()
+                        .with_protocol(Protocol::HttpBinary)
+                        .build(),
+                }
+                .map_err(|e| SettingsError(format!("invalid OTLP exporter settings (OTEL_EXPORTER_OTLP_*): {e}")))?;
+                SdkMeterProvider::builder()
+                    .with_reader(periodic(exporter, settings.interval))
+                    .with_resource(resource())
+                    .build()
+            }
+        };
+        Ok(Self {
+            provider: Some(provider),
+        })
+    }
+
+    /// memtel's meter, when metrics are exported.
+    pub(crate) fn meter(&self) -> Option<Meter> {
+        self.provider.as_ref().map(|p| p.meter_with_scope(memtel::scope()))
+    }
+
+    /// Flushes the last interval and stops, waiting at most `timeout` so a dead
+    /// collector cannot hold the process at exit.
+    pub(crate) fn shutdown(self, timeout: Duration) {
+        let Some(provider) = self.provider else { return };
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done_tx.send(provider.shutdown());
+        });
+        match done_rx.recv_timeout(timeout) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("metrics were not flushed at shutdown: {e}"),
+            Err(_) => tracing::warn!("metrics flush did not finish within {timeout:?}; exiting without it"),
+        }
+    }
+}
+
+/// A periodic reader; without an interval the SDK reads `OTEL_METRIC_EXPORT_INTERVAL` (default 60 s).
+fn periodic<E: PushMetricExporter>(exporter: E, interval: Option<Duration>) -> PeriodicReader<E> {
+    let builder = PeriodicReader::builder(exporter);
+    match interval {
+        Some(interval) => builder.with_interval(interval).build(),
+        None => builder.build(),
+    }
+}
+
+/// The SDK's resource (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`) with memtel's
+/// defaults: `service.name` = memtel unless set, `service.version`, `process.pid`.
+fn resource() -> Resource {
+    let detected = Resource::builder().build();
+    let has = |key: &'static str| detected.get(&opentelemetry::Key::from_static_str(key)).is_some();
+    let named = detected
+        .get(&opentelemetry::Key::from_static_str("service.name"))
+        .is_some_and(|v| v.as_str() != "unknown_service");
+    let mut builder = Resource::builder();
+    if !named {
+        builder = builder.with_service_name("memtel");
+    }
+    if !has("service.version") {
+        builder = builder.with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")));
+    }
+    builder
+        .with_attribute(KeyValue::new("process.pid", i64::from(std::process::id())))
+        .build()
+}

@@ -1,0 +1,336 @@
+//! The service's settings: flag > environment > YAML file > default.
+//!
+//! Values are taken as text and parsed here, so every error names the setting the
+//! way the user wrote it (flag, variable or YAML key) and what was expected.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
+use serde::Deserialize;
+
+use memtel::Thresholds;
+
+const AFTER_HELP: &str = "\
+Precedence: flag > environment variable > YAML file (--config) > default.
+
+OpenTelemetry (standard OTEL_* variables, read as every OpenTelemetry SDK reads them):
+  OTEL_SDK_DISABLED=true                 export nothing
+  OTEL_METRICS_EXPORTER                  otlp (default) | console | none
+  OTEL_EXPORTER_OTLP_PROTOCOL            http/protobuf (default) | grpc
+  OTEL_EXPORTER_OTLP_ENDPOINT            default http://localhost:4318 (http/protobuf), http://localhost:4317 (grpc)
+  OTEL_EXPORTER_OTLP_METRICS_ENDPOINT    full URL for metrics (http: include /v1/metrics)
+  OTEL_EXPORTER_OTLP_HEADERS             key=value,key2=value2 (e.g. an API key)
+  OTEL_EXPORTER_OTLP_TIMEOUT             export timeout in ms (default 10000)
+  OTEL_METRIC_EXPORT_INTERVAL            export interval in ms (default 60000)
+  OTEL_SERVICE_NAME                      service.name (default memtel)
+  OTEL_RESOURCE_ATTRIBUTES               key=value,... added to the resource
+Signal-specific variants (OTEL_EXPORTER_OTLP_METRICS_*) take precedence.
+Logs: RUST_LOG (default info).
+
+Invalid settings exit with status 2; runtime failures (address in use) with 1.";
+
+/// memtel: measured process memory as OpenTelemetry metrics and a JSON profile.
+///
+/// Serves GET /api/v1/memory/profile and GET /healthz, and exports the memory
+/// metrics over OTLP. With the demo workload on, four components (extraction, cache,
+/// browser, api) allocate, hold and free memory so every figure moves.
+#[derive(Debug, Parser)]
+#[command(name = "memtel", version, after_help = AFTER_HELP)]
+struct Cli {
+    /// YAML settings file (keys server.listen, memory.*, demo.enabled).
+    #[arg(long, env = "MEMTEL_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "MEMTEL_LISTEN", value_name = "IP:PORT")]
+    listen: Option<String>,
+    /// Memory limit in MB (MiB) [default: the cgroup's limit, else physical RAM].
+    #[arg(long, env = "MEMTEL_LIMIT_MB", value_name = "MB")]
+    limit_mb: Option<String>,
+    /// Warning threshold, fraction of the limit [default: 0.80].
+    #[arg(long, env = "MEMTEL_WARNING_THRESHOLD", value_name = "FRACTION")]
+    warning_threshold: Option<String>,
+    /// Critical threshold, fraction of the limit [default: 0.90].
+    #[arg(long, env = "MEMTEL_CRITICAL_THRESHOLD", value_name = "FRACTION")]
+    critical_threshold: Option<String>,
+    /// Run the demo workload [default; env MEMTEL_DEMO=true|false].
+    #[arg(long, overrides_with = "no_demo")]
+    demo: bool,
+    /// Do not run the demo workload.
+    #[arg(long, overrides_with = "demo")]
+    no_demo: bool,
+}
+
+/// The resolved settings of one run.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) listen: SocketAddr,
+    pub(crate) limit_bytes: Option<u64>,
+    pub(crate) thresholds: Thresholds,
+    pub(crate) demo: bool,
+}
+
+/// An invalid setting: the message names it, and the binary exits with status 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct SettingsError(pub(crate) String);
+
+/// The YAML file: unknown keys are errors, so a typo is never silently ignored.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSettings {
+    #[serde(default)]
+    server: ServerSection,
+    #[serde(default)]
+    memory: MemorySection,
+    #[serde(default)]
+    demo: DemoSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerSection {
+    listen: Option<Scalar>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MemorySection {
+    global_memory_limit_mb: Option<Scalar>,
+    pressure_threshold: Option<Scalar>,
+    critical_threshold: Option<Scalar>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DemoSection {
+    enabled: Option<Scalar>,
+}
+
+/// A YAML scalar kept as text, so YAML values go through the same parsers (and the
+/// same messages) as flags and variables.
+#[derive(Debug)]
+struct Scalar(String);
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde_norway::Value;
+        match Value::deserialize(d)? {
+            Value::String(s) => Ok(Scalar(s)),
+            Value::Number(n) => Ok(Scalar(n.to_string())),
+            Value::Bool(b) => Ok(Scalar(b.to_string())),
+            other => Err(serde::de::Error::custom(format!(
+                "expected a single value, found {other:?}"
+            ))),
+        }
+    }
+}
+
+/// Where one setting can come from, for resolution and messages.
+struct Names {
+    id: &'static str,
+    flag: &'static str,
+    env: &'static str,
+    yaml: &'static str,
+}
+
+const LISTEN: Names = Names {
+    id: "listen",
+    flag: "--listen",
+    env: "MEMTEL_LISTEN",
+    yaml: "server.listen",
+};
+const LIMIT_MB: Names = Names {
+    id: "limit_mb",
+    flag: "--limit-mb",
+    env: "MEMTEL_LIMIT_MB",
+    yaml: "memory.global_memory_limit_mb",
+};
+const WARNING: Names = Names {
+    id: "warning_threshold",
+    flag: "--warning-threshold",
+    env: "MEMTEL_WARNING_THRESHOLD",
+    yaml: "memory.pressure_threshold",
+};
+const CRITICAL: Names = Names {
+    id: "critical_threshold",
+    flag: "--critical-threshold",
+    env: "MEMTEL_CRITICAL_THRESHOLD",
+    yaml: "memory.critical_threshold",
+};
+const DEMO: Names = Names {
+    id: "demo",
+    flag: "--demo/--no-demo",
+    env: "MEMTEL_DEMO",
+    yaml: "demo.enabled",
+};
+
+impl Names {
+    fn all(&self) -> String {
+        format!("{} / {} / {}", self.flag, self.env, self.yaml)
+    }
+}
+
+impl Settings {
+    /// Parses the command line (clap handles `--help` and unknown flags, exiting 2),
+    /// then the environment and the file.
+    pub(crate) fn load() -> Result<Self, SettingsError> {
+        let matches = Cli::command().get_matches();
+        let cli = Cli::from_arg_matches(&matches).map_err(|e| SettingsError(e.to_string()))?;
+        let file = match &cli.config {
+            Some(path) => read_file(path)?,
+            None => FileSettings::default(),
+        };
+        let resolve = |names: &Names, cli_value: &Option<String>, file_value: &Option<Scalar>| {
+            resolve(
+                &matches,
+                names,
+                cli_value.as_deref(),
+                file_value.as_ref().map(|s| s.0.as_str()),
+            )
+        };
+
+        let listen = match resolve(&LISTEN, &cli.listen, &file.server.listen) {
+            Some((from, text)) => text
+                .parse::<SocketAddr>()
+                .map_err(|_| invalid(from, &text, "expected IP:PORT, such as 127.0.0.1:8080 or [::1]:8080"))?,
+            None => SocketAddr::from(([127, 0, 0, 1], 8080)),
+        };
+        let limit_bytes = match resolve(&LIMIT_MB, &cli.limit_mb, &file.memory.global_memory_limit_mb) {
+            Some((from, text)) => Some(
+                text.trim()
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|mb| *mb > 0)
+                    .and_then(|mb| mb.checked_mul(1 << 20))
+                    .ok_or_else(|| invalid(from, &text, "expected a positive whole number of MB"))?,
+            ),
+            None => None,
+        };
+        let fraction = |names: &Names, value: Option<(&'static str, String)>, default: f64| match value {
+            Some((from, text)) => text
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|f| *f > 0.0 && *f <= 1.0)
+                .map(|f| (f, from.to_owned()))
+                .ok_or_else(|| invalid(from, &text, "expected a fraction of the limit in (0, 1], such as 0.8")),
+            None => Ok((default, names.all())),
+        };
+        let (warning, warning_from) = fraction(
+            &WARNING,
+            resolve(&WARNING, &cli.warning_threshold, &file.memory.pressure_threshold),
+            0.80,
+        )?;
+        let (critical, critical_from) = fraction(
+            &CRITICAL,
+            resolve(&CRITICAL, &cli.critical_threshold, &file.memory.critical_threshold),
+            0.90,
+        )?;
+        let thresholds = Thresholds::new(warning, critical).map_err(|_| {
+            SettingsError(format!(
+                "invalid thresholds: warning {warning} ({warning_from}) must be below critical {critical} ({critical_from})"
+            ))
+        })?;
+
+        let demo = if cli.no_demo {
+            false
+        } else if cli.demo {
+            true
+        } else {
+            let env = std::env::var(DEMO.env).ok().filter(|v| !v.is_empty());
+            match (env, &file.demo.enabled) {
+                (Some(text), _) => {
+                    parse_bool(&text).ok_or_else(|| invalid(DEMO.env, &text, "expected true or false"))?
+                }
+                (None, Some(Scalar(text))) => {
+                    parse_bool(text).ok_or_else(|| invalid(DEMO.yaml, text, "expected true or false"))?
+                }
+                (None, None) => true,
+            }
+        };
+
+        Ok(Settings {
+            listen,
+            limit_bytes,
+            thresholds,
+            demo,
+        })
+    }
+}
+
+/// The text of a setting and the name of where it came from.
+fn resolve(
+    matches: &ArgMatches,
+    names: &Names,
+    cli_value: Option<&str>,
+    file_value: Option<&str>,
+) -> Option<(&'static str, String)> {
+    if let Some(text) = cli_value {
+        let from = match matches.value_source(names.id) {
+            Some(ValueSource::EnvVariable) => names.env,
+            _ => names.flag,
+        };
+        return Some((from, text.to_owned()));
+    }
+    file_value.map(|text| (names.yaml, text.to_owned()))
+}
+
+fn invalid(from: &str, text: &str, expected: &str) -> SettingsError {
+    SettingsError(format!("invalid {from} {text:?}: {expected}"))
+}
+
+pub(crate) fn parse_bool(text: &str) -> Option<bool> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Some(true),
+        "false" | "0" | "no" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileSettings, SettingsError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        SettingsError(format!(
+            "cannot read --config / MEMTEL_CONFIG file {}: {e}",
+            path.display()
+        ))
+    })?;
+    if text.trim().is_empty() {
+        return Ok(FileSettings::default());
+    }
+    serde_norway::from_str(&text).map_err(|e| {
+        let msg = e.to_string().replace('\n', " ");
+        SettingsError(format!(
+            "invalid --config / MEMTEL_CONFIG file {}: {msg}",
+            path.display()
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yaml_scalars_and_unknown_keys() {
+        let f: FileSettings =
+            serde_norway::from_str("memory:\n  global_memory_limit_mb: 2048\n  pressure_threshold: 0.7\n").unwrap();
+        assert_eq!(f.memory.global_memory_limit_mb.unwrap().0, "2048");
+        assert_eq!(f.memory.pressure_threshold.unwrap().0, "0.7");
+        let err = serde_norway::from_str::<FileSettings>("memory:\n  pressure_treshold: 0.7\n").unwrap_err();
+        assert!(err.to_string().contains("pressure_treshold"), "{err}");
+    }
+
+    #[test]
+    fn bools() {
+        assert_eq!(parse_bool("TRUE"), Some(true));
+        assert_eq!(parse_bool("off"), Some(false));
+        assert_eq!(parse_bool("maybe"), None);
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

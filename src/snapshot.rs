@@ -1,0 +1,322 @@
+//! One measurement of the process's memory: plain data in bytes.
+//!
+//! A [`Snapshot`] knows nothing of OpenTelemetry, JSON or megabytes; the views in
+//! [`otel`](crate::register) and [`http`](crate::router) only convert it.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use crate::Error;
+
+/// One reading of the process's memory, taken by [`MemoryMonitor::snapshot`].
+///
+/// Every figure is in bytes. A field is `None` where the platform or the build cannot
+/// tell (not Linux, jemalloc not the global allocator, a file absent or malformed).
+///
+/// [`MemoryMonitor::snapshot`]: crate::MemoryMonitor::snapshot
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Snapshot {
+    /// When the snapshot was taken (wall clock).
+    pub taken_at: SystemTime,
+    /// Resident set size: the RAM the process holds now (`/proc/self/statm`).
+    pub rss_bytes: Option<u64>,
+    /// Virtual size of the address space (`/proc/self/statm`).
+    pub virtual_bytes: Option<u64>,
+    /// Highest resident set size of this process image since `exec`.
+    ///
+    /// Never below [`rss_bytes`](Self::rss_bytes) of the same snapshot.
+    pub peak_rss_bytes: Option<u64>,
+    /// The limit that pressure is measured against.
+    pub limit: Option<Limit>,
+    /// Live heap bytes: jemalloc's `stats.allocated`.
+    pub heap_allocated_bytes: Option<u64>,
+    /// jemalloc's statistics, when jemalloc is the global allocator and built with stats.
+    pub jemalloc: Option<JemallocStats>,
+    /// Registered components, in registration order.
+    pub components: Vec<ComponentUsage>,
+    /// The heap remainder: live heap minus the registered components, floored at 0.
+    /// `None` when the live heap is unknown.
+    pub other_bytes: Option<u64>,
+    /// The pressure level, classified from [`utilization`](Self::utilization).
+    pub pressure: Pressure,
+}
+
+impl Snapshot {
+    /// Resident set size divided by the limit (0..1, above 1 past the limit).
+    ///
+    /// ```
+    /// # #[global_allocator]
+    /// # static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+    /// let monitor = memtel::MemoryMonitor::builder().limit_bytes(1 << 40).build();
+    /// let snap = monitor.snapshot();
+    /// let expected = snap.rss_bytes.unwrap() as f64 / (1u64 << 40) as f64;
+    /// assert_eq!(snap.utilization(), Some(expected));
+    /// ```
+    pub fn utilization(&self) -> Option<f64> {
+        utilization(self.rss_bytes, self.limit)
+    }
+}
+
+pub(crate) fn utilization(rss: Option<u64>, limit: Option<Limit>) -> Option<f64> {
+    match (rss, limit) {
+        (Some(rss), Some(limit)) if limit.bytes > 0 => Some(rss as f64 / limit.bytes as f64),
+        _ => None,
+    }
+}
+
+/// The live bytes of one registered component.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ComponentUsage {
+    /// The name it was registered under.
+    pub name: Arc<str>,
+    /// Live bytes, as the component reported them.
+    pub bytes: u64,
+}
+
+/// The effective memory limit and where it came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Limit {
+    /// The limit in bytes.
+    pub bytes: u64,
+    /// Where the figure came from.
+    pub source: LimitSource,
+}
+
+impl Limit {
+    /// A limit of `bytes` from `source`.
+    pub fn new(bytes: u64, source: LimitSource) -> Self {
+        Self { bytes, source }
+    }
+}
+
+/// Where the effective limit came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum LimitSource {
+    /// Set explicitly ([`MemoryMonitorBuilder::limit_bytes`](crate::MemoryMonitorBuilder::limit_bytes), `MEMTEL_LIMIT_MB`).
+    Configured,
+    /// The process's cgroup memory limit: what the kernel enforces in a container.
+    Cgroup,
+    /// Physical RAM (`MemTotal` in `/proc/meminfo`).
+    System,
+}
+
+impl LimitSource {
+    /// The value used in JSON (`limit_source`) and in the `memtel.limit.source` attribute.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitSource::Configured => "configured",
+            LimitSource::Cgroup => "cgroup",
+            LimitSource::System => "system",
+        }
+    }
+}
+
+impl fmt::Display for LimitSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// jemalloc's own statistics, in bytes.
+///
+/// jemalloc only refreshes these when its `epoch` is advanced, which is costly and
+/// takes a global lock; memtel advances it at most once per
+/// [`jemalloc_max_age`](crate::MemoryMonitorBuilder::jemalloc_max_age), and
+/// [`age`](Self::age) says how old the figures are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct JemallocStats {
+    /// Bytes in live allocations (`stats.allocated`).
+    pub allocated: u64,
+    /// Bytes in active pages: allocated plus internal fragmentation (`stats.active`).
+    pub active: u64,
+    /// Bytes in physically resident pages the allocator holds, metadata and
+    /// freed-but-not-yet-purged pages included (`stats.resident`).
+    pub resident: u64,
+    /// Bytes of allocator metadata (`stats.metadata`).
+    pub metadata: u64,
+    /// Bytes in mapped extents (`stats.mapped`).
+    pub mapped: u64,
+    /// Virtual memory kept mapped for reuse; not RAM (`stats.retained`).
+    pub retained: u64,
+    /// How long ago jemalloc's epoch was advanced for these figures.
+    pub age: Duration,
+}
+
+impl JemallocStats {
+    /// `resident ÷ allocated`, the write-up's "fragmentation ratio".
+    ///
+    /// It measures everything jemalloc holds in RAM beyond the live bytes: page
+    /// rounding, size-class slack, metadata, and dirty pages awaiting purge. A freshly
+    /// freed large buffer raises it until jemalloc's decay returns the pages.
+    /// `None` when nothing is allocated.
+    pub fn fragmentation_ratio(&self) -> Option<f64> {
+        ratio(self.resident, self.allocated)
+    }
+
+    /// `metadata ÷ allocated`: the allocator's bookkeeping cost per live byte.
+    pub fn metadata_overhead_ratio(&self) -> Option<f64> {
+        ratio(self.metadata, self.allocated)
+    }
+}
+
+fn ratio(numerator: u64, denominator: u64) -> Option<f64> {
+    (denominator > 0).then(|| numerator as f64 / denominator as f64)
+}
+
+/// How close the process is to its limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Pressure {
+    /// Below the warning threshold (or unknown).
+    #[default]
+    Normal,
+    /// At or above the warning threshold.
+    Warning,
+    /// At or above the critical threshold.
+    Critical,
+}
+
+impl Pressure {
+    /// Every level, lowest first: the members of the `memtel.memory.pressure` state set.
+    pub const ALL: [Pressure; 3] = [Pressure::Normal, Pressure::Warning, Pressure::Critical];
+
+    /// The value used in JSON (`pressure`) and in the `memtel.pressure.level` attribute.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pressure::Normal => "normal",
+            Pressure::Warning => "warning",
+            Pressure::Critical => "critical",
+        }
+    }
+}
+
+impl fmt::Display for Pressure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Utilization thresholds for the pressure levels, as fractions of the limit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Thresholds {
+    warning: f64,
+    critical: f64,
+}
+
+impl Thresholds {
+    /// Thresholds with `0 < warning < critical <= 1`.
+    ///
+    /// ```
+    /// use memtel::Thresholds;
+    /// assert!(Thresholds::new(0.80, 0.90).is_ok());
+    /// assert!(Thresholds::new(0.90, 0.80).is_err());
+    /// assert!(Thresholds::new(0.50, 1.50).is_err());
+    /// ```
+    pub fn new(warning: f64, critical: f64) -> Result<Self, Error> {
+        // NaN fails every comparison, so it is refused here too.
+        if warning > 0.0 && warning < critical && critical <= 1.0 {
+            Ok(Self { warning, critical })
+        } else {
+            Err(Error::InvalidThresholds { warning, critical })
+        }
+    }
+
+    /// The warning threshold (fraction of the limit).
+    pub fn warning(&self) -> f64 {
+        self.warning
+    }
+
+    /// The critical threshold (fraction of the limit).
+    pub fn critical(&self) -> f64 {
+        self.critical
+    }
+}
+
+impl Default for Thresholds {
+    /// 0.80 and 0.90.
+    fn default() -> Self {
+        Self {
+            warning: 0.80,
+            critical: 0.90,
+        }
+    }
+}
+
+/// The pressure level for a utilization: `critical` at or above the critical
+/// threshold, `warning` at or above the warning threshold, else `normal`.
+/// An unknown utilization is `normal`: memtel never raises an alarm it cannot back.
+///
+/// ```
+/// use memtel::{classify, Pressure, Thresholds};
+/// let t = Thresholds::default();
+/// assert_eq!(classify(Some(0.79), &t), Pressure::Normal);
+/// assert_eq!(classify(Some(0.80), &t), Pressure::Warning);
+/// assert_eq!(classify(Some(0.90), &t), Pressure::Critical);
+/// assert_eq!(classify(None, &t), Pressure::Normal);
+/// ```
+pub fn classify(utilization: Option<f64>, thresholds: &Thresholds) -> Pressure {
+    match utilization {
+        Some(u) if u >= thresholds.critical => Pressure::Critical,
+        Some(u) if u >= thresholds.warning => Pressure::Warning,
+        _ => Pressure::Normal,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classify_at_just_below_and_just_above_each_threshold() {
+        let t = Thresholds::new(0.8, 0.9).unwrap();
+        let below = |x: f64| x - 1e-9;
+        let above = |x: f64| x + 1e-9;
+        assert_eq!(classify(Some(below(0.8)), &t), Pressure::Normal);
+        assert_eq!(classify(Some(0.8), &t), Pressure::Warning);
+        assert_eq!(classify(Some(above(0.8)), &t), Pressure::Warning);
+        assert_eq!(classify(Some(below(0.9)), &t), Pressure::Warning);
+        assert_eq!(classify(Some(0.9), &t), Pressure::Critical);
+        assert_eq!(classify(Some(above(0.9)), &t), Pressure::Critical);
+        assert_eq!(classify(Some(1.7), &t), Pressure::Critical);
+        assert_eq!(classify(Some(0.0), &t), Pressure::Normal);
+    }
+
+    #[test]
+    fn thresholds_refuse_bad_orders_and_ranges() {
+        for (w, c) in [
+            (0.9, 0.8),
+            (0.8, 0.8),
+            (0.0, 0.5),
+            (-0.1, 0.5),
+            (0.5, 1.01),
+            (f64::NAN, 0.9),
+        ] {
+            assert!(Thresholds::new(w, c).is_err(), "{w} {c}");
+        }
+        assert!(Thresholds::new(0.5, 1.0).is_ok());
+    }
+
+    #[test]
+    fn ratios_are_none_without_allocations() {
+        let stats = JemallocStats {
+            allocated: 0,
+            active: 0,
+            resident: 4096,
+            metadata: 10,
+            mapped: 0,
+            retained: 0,
+            age: Duration::ZERO,
+        };
+        assert_eq!(stats.fragmentation_ratio(), None);
+        let stats = JemallocStats {
+            allocated: 2048,
+            ..stats
+        };
+        assert_eq!(stats.fragmentation_ratio(), Some(2.0));
+    }
+}
