@@ -1,0 +1,209 @@
+//! The JSON view over a real socket, checked against the kernel's and jemalloc's own figures.
+#![cfg(all(feature = "http", feature = "jemalloc"))]
+
+#[path = "support/http.rs"]
+mod http;
+#[path = "support/process.rs"]
+mod process;
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use memtel::{MemoryMonitor, Thresholds, PROFILE_PATH};
+use process::{rel_diff, MIB};
+use serde_json::Value;
+
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// Tests here compare process-wide figures: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+fn num(v: &Value, path: &str) -> f64 {
+    v.pointer(path)
+        .and_then(Value::as_f64)
+        .unwrap_or_else(|| panic!("{path} is not a number in {v}"))
+}
+
+#[test]
+fn every_documented_field_with_its_type() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let monitor = MemoryMonitor::builder().limit_bytes(4 << 30).build();
+    monitor.component("cache", || 3 << 20).unwrap();
+    let server = http::TestServer::start(memtel::router(monitor));
+    let doc = server.get_json(&client(), PROFILE_PATH);
+
+    let timestamp = doc["timestamp"].as_str().expect("timestamp is a string");
+    assert!(timestamp.ends_with('Z'), "UTC: {timestamp}");
+    let parsed = humantime::parse_rfc3339(timestamp).expect("RFC 3339");
+    let age = std::time::SystemTime::now().duration_since(parsed).unwrap();
+    assert!(age < Duration::from_secs(60), "timestamp is now: {timestamp}");
+
+    for field in ["total_allocated_mb", "peak_usage_mb", "current_usage_mb", "limit_mb"] {
+        assert!(doc[field].is_u64(), "{field} is an integer: {}", doc[field]);
+    }
+    assert_eq!(doc["limit_mb"], 4096);
+    assert_eq!(doc["limit_source"], "configured");
+    assert_eq!(doc["by_component"]["cache"], 3);
+    assert!(doc["by_component"]["other"].is_u64());
+    assert_eq!(doc["by_component"].as_object().unwrap().len(), 2);
+    assert_eq!(doc["by_component_source"], "reported");
+    assert_eq!(doc["pressure"], "normal");
+
+    let stats = &doc["stats"];
+    assert!(stats["usage_percentage"].is_f64() || stats["usage_percentage"].is_u64());
+    assert_eq!(stats["is_under_pressure"], false);
+    assert_eq!(stats["last_cleanup_secs_ago"], Value::Null);
+    assert_eq!(stats["last_gc_secs_ago"], Value::Null);
+    assert_eq!(stats["cleanup_count"], 0);
+    assert_eq!(stats["gc_count"], 0);
+
+    let j = &doc["jemalloc"];
+    for field in [
+        "allocated_mb",
+        "active_mb",
+        "resident_mb",
+        "metadata_mb",
+        "mapped_mb",
+        "retained_mb",
+        "fragmentation_ratio",
+        "metadata_overhead_ratio",
+    ] {
+        assert!(j[field].is_number(), "jemalloc.{field} is a number: {}", j[field]);
+    }
+    assert!(j["stats_age_ms"].is_u64());
+    // jemalloc's own invariants hold for what we report.
+    let (allocated, active, resident, mapped) = (
+        num(j, "/allocated_mb"),
+        num(j, "/active_mb"),
+        num(j, "/resident_mb"),
+        num(j, "/mapped_mb"),
+    );
+    assert!(
+        allocated <= active && active <= resident.max(active) && active <= mapped,
+        "{j}"
+    );
+}
+
+#[test]
+fn figures_agree_with_the_kernel_and_jemalloc() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    // Hold some memory so the figures are far from zero.
+    let ballast = vec![7u8; 32 << 20];
+    let server = http::TestServer::start(memtel::router(MemoryMonitor::new()));
+    let client = client();
+
+    let rss_before = process::vm_rss();
+    let (allocated_before, _) = process::jemalloc_allocated_resident();
+    let doc = server.get_json(&client, PROFILE_PATH);
+    let rss_after = process::vm_rss();
+    let (allocated_after, _) = process::jemalloc_allocated_resident();
+
+    let current = num(&doc, "/current_usage_mb") * MIB;
+    let kernel = (rss_before + rss_after) as f64 / 2.0;
+    assert!(rel_diff(current, kernel) < 0.10, "current {current} vs VmRSS {kernel}");
+    assert!(num(&doc, "/peak_usage_mb") >= num(&doc, "/current_usage_mb"), "{doc}");
+    let vm_hwm = process::status_kb("VmHWM") as f64;
+    assert!(
+        num(&doc, "/peak_usage_mb") * MIB <= vm_hwm + MIB,
+        "peak is this process's, not an inherited one: {doc}, VmHWM {vm_hwm}"
+    );
+
+    let allocated = num(&doc, "/jemalloc/allocated_mb") * MIB;
+    let truth = (allocated_before + allocated_after) as f64 / 2.0;
+    assert!(
+        rel_diff(allocated, truth) < 0.05,
+        "allocated {allocated} vs jemalloc {truth}"
+    );
+    assert!(allocated >= ballast.len() as f64);
+    assert_eq!(num(&doc, "/total_allocated_mb"), (allocated / MIB).round());
+
+    let (resident, ratio) = (
+        num(&doc, "/jemalloc/resident_mb"),
+        num(&doc, "/jemalloc/fragmentation_ratio"),
+    );
+    let expected = resident / num(&doc, "/jemalloc/allocated_mb");
+    assert!(
+        (ratio - expected).abs() < 1e-3,
+        "fragmentation {ratio} vs resident/allocated {expected}"
+    );
+    let overhead = num(&doc, "/jemalloc/metadata_overhead_ratio");
+    let expected = num(&doc, "/jemalloc/metadata_mb") / num(&doc, "/jemalloc/allocated_mb");
+    assert!(
+        (overhead - expected).abs() < 1e-3,
+        "metadata overhead {overhead} vs {expected}"
+    );
+    drop(ballast);
+}
+
+/// The pressure level at utilizations around each threshold, with the limit set so
+/// that RSS lands where each case needs it.
+#[test]
+fn pressure_levels_around_each_threshold() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let client = client();
+    let (warning, critical) = (0.80, 0.90);
+    // The first server and request of the process map memory that later ones reuse.
+    let warm_up = http::TestServer::start(memtel::router(MemoryMonitor::new()));
+    warm_up.get_json(&client, PROFILE_PATH);
+    for target in [0.70, 0.77, 0.83, 0.87, 0.93, 1.20] {
+        let limit = (process::vm_rss() as f64 / target) as u64;
+        let monitor = MemoryMonitor::builder()
+            .limit_bytes(limit)
+            .thresholds(Thresholds::new(warning, critical).unwrap())
+            .build();
+        let server = http::TestServer::start(memtel::router(monitor));
+        let doc = server.get_json(&client, PROFILE_PATH);
+        let usage = num(&doc, "/stats/usage_percentage") / 100.0;
+        assert!(
+            (usage - target).abs() < 0.02,
+            "case {target}: usage {usage} landed elsewhere"
+        );
+        let expected = if usage >= critical {
+            "critical"
+        } else if usage >= warning {
+            "warning"
+        } else {
+            "normal"
+        };
+        assert_eq!(doc["pressure"], expected, "usage {usage}: {doc}");
+        assert_eq!(doc["stats"]["is_under_pressure"], expected != "normal");
+        // current_usage_mb and limit_mb are rounded to whole MB.
+        let current_from_usage = usage * num(&doc, "/limit_mb");
+        assert!(
+            (num(&doc, "/current_usage_mb") - current_from_usage).abs() <= 1.0,
+            "usage_percentage matches current/limit: {doc}"
+        );
+    }
+}
+
+#[test]
+fn other_methods_are_refused_with_allow() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let server = http::TestServer::start(memtel::router(MemoryMonitor::new()));
+    let client = client();
+    for method in [
+        reqwest::Method::POST,
+        reqwest::Method::PUT,
+        reqwest::Method::DELETE,
+        reqwest::Method::PATCH,
+    ] {
+        let response = client.request(method.clone(), server.url(PROFILE_PATH)).send().unwrap();
+        assert_eq!(response.status(), 405, "{method}");
+        let allow = response.headers()["allow"].to_str().unwrap().to_owned();
+        assert!(allow.contains("GET"), "{method}: Allow {allow}");
+        let body: Value = serde_json::from_str(&response.text().unwrap()).unwrap();
+        assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()), "{body}");
+    }
+    let head = client.head(server.url(PROFILE_PATH)).send().unwrap();
+    assert_eq!(head.status(), 200);
+    let missing = client.get(server.url("/api/v1/memory/nope")).send().unwrap();
+    assert_eq!(missing.status(), 404);
+}

@@ -1,0 +1,213 @@
+//! memtel's instruments exported over real OTLP (gRPC and HTTP/protobuf) into
+//! in-process receivers, decoded, and checked against the contract and the kernel.
+#![cfg(all(feature = "service", feature = "jemalloc"))]
+
+#[path = "support/otlp.rs"]
+mod otlp;
+#[path = "support/process.rs"]
+mod process;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use memtel::{Instrument, MemoryMonitor, METRICS};
+use opentelemetry::metrics::MeterProvider as _;
+use opentelemetry_otlp::{MetricExporter, Protocol, WithExportConfig};
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
+use opentelemetry_sdk::Resource;
+use otlp::{Kind, OtlpReceiver, Point, Transport};
+use process::rel_diff;
+
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// The metrics contract of ARCHITECTURE.md for this release: name → (kind, unit, attribute key).
+const CONTRACT: &[(&str, &str, &str, Option<&str>)] = &[
+    ("process.memory.usage", "updown", "By", None),
+    ("process.memory.virtual", "updown", "By", None),
+    ("memtel.memory.peak", "gauge_int", "By", None),
+    ("memtel.memory.limit", "updown", "By", Some("memtel.limit.source")),
+    ("process.memory.utilization", "gauge_double", "1", None),
+    ("memtel.memory.pressure", "updown", "1", Some("memtel.pressure.level")),
+    ("memtel.heap.allocated", "updown", "By", None),
+    ("jemalloc.memory", "updown", "By", Some("jemalloc.stat")),
+    ("jemalloc.fragmentation", "gauge_double", "1", None),
+    ("jemalloc.metadata.overhead", "gauge_double", "1", None),
+    ("memtel.component.usage", "updown", "By", Some("memtel.component")),
+];
+
+const LIMIT: u64 = 8 << 30;
+const KNOWN: usize = 5 << 20;
+
+/// Tests here compare process-wide figures: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Registers memtel on a provider exporting to `receiver`, flushes once, shuts down.
+async fn export(receiver: &OtlpReceiver, monitor: MemoryMonitor) {
+    let (transport, endpoint) = (receiver.transport(), receiver.metrics_endpoint());
+    tokio::task::spawn_blocking(move || {
+        let exporter = match transport {
+            Transport::Grpc => MetricExporter::builder().with_tonic().with_endpoint(endpoint).build(),
+            Transport::Http => MetricExporter::builder()
+                .with_http()
+                .with_protocol(Protocol::HttpBinary)
+                .with_endpoint(endpoint)
+                .build(),
+        }
+        .expect("exporter");
+        let provider = SdkMeterProvider::builder()
+            .with_reader(
+                PeriodicReader::builder(exporter)
+                    .with_interval(Duration::from_secs(3600))
+                    .build(),
+            )
+            .with_resource(Resource::builder().with_service_name("memtel-test").build())
+            .build();
+        memtel::register(&monitor, &provider.meter_with_scope(memtel::scope()));
+        provider.force_flush().expect("flush");
+        provider.shutdown().expect("shutdown");
+    })
+    .await
+    .unwrap();
+}
+
+fn first_export(receiver: &OtlpReceiver) -> Vec<Point> {
+    let requests = receiver.metric_requests();
+    assert!(!requests.is_empty(), "the receiver decoded no export");
+    otlp::points(&requests[..1])
+}
+
+fn named<'a>(points: &'a [Point], name: &str) -> Vec<&'a Point> {
+    let found = otlp::points_named(points, name);
+    assert!(!found.is_empty(), "{name} was not exported");
+    found
+}
+
+fn single(points: &[Point], name: &str) -> f64 {
+    let found = named(points, name);
+    assert_eq!(found.len(), 1, "{name} has one data point");
+    found[0].value
+}
+
+fn by_attribute(points: &[Point], name: &str, key: &str) -> BTreeMap<String, f64> {
+    named(points, name)
+        .into_iter()
+        .map(|p| (p.attributes[key].clone(), p.value))
+        .collect()
+}
+
+async fn check_contract(receiver: OtlpReceiver) {
+    let _serial = SERIAL.lock().await;
+    let monitor = MemoryMonitor::builder().limit_bytes(LIMIT).build();
+    let known = std::sync::Arc::new(vec![1u8; KNOWN]);
+    let held = known.clone();
+    monitor.component("known", move || held.capacity() as u64).unwrap();
+    let rss_before = process::vm_rss();
+    export(&receiver, monitor).await;
+    let rss_after = process::vm_rss();
+    let points = first_export(&receiver);
+
+    // Exactly the contract's instruments, with kind, unit, description and attributes.
+    let exported: BTreeSet<&str> = points.iter().map(|p| p.metric.as_str()).collect();
+    let contract: BTreeSet<&str> = CONTRACT.iter().map(|c| c.0).collect();
+    assert_eq!(exported, contract);
+    for (name, kind, unit, attribute) in CONTRACT {
+        let def = METRICS.iter().find(|d| d.name == *name).expect("in the code's table");
+        for p in named(&points, name) {
+            let expected_kind = match *kind {
+                "updown" => Kind::Sum { monotonic: false },
+                _ => Kind::Gauge,
+            };
+            assert_eq!(p.kind, expected_kind, "{name} kind");
+            assert_eq!(p.int_value.is_some(), *kind != "gauge_double", "{name} number type");
+            assert_eq!(&p.unit, unit, "{name} unit");
+            assert!(
+                !p.description.is_empty() && p.description == def.description,
+                "{name} description"
+            );
+            let keys: Vec<&str> = p.attributes.keys().map(String::as_str).collect();
+            assert_eq!(keys, attribute.iter().copied().collect::<Vec<_>>(), "{name} attributes");
+            assert_eq!(p.scope_name, "memtel");
+            assert_eq!(p.scope_version, env!("CARGO_PKG_VERSION"));
+            assert_eq!(p.resource["service.name"], "memtel-test");
+        }
+        let table_kind = match def.instrument {
+            Instrument::UpDownCounterI64 => "updown",
+            Instrument::GaugeI64 => "gauge_int",
+            Instrument::GaugeF64 => "gauge_double",
+            _ => "other",
+        };
+        assert_eq!(table_kind, *kind, "{name} in the code's table");
+    }
+
+    // Values against independent truths.
+    let usage = single(&points, "process.memory.usage");
+    let kernel = (rss_before + rss_after) as f64 / 2.0;
+    assert!(rel_diff(usage, kernel) < 0.10, "usage {usage} vs VmRSS {kernel}");
+    let limits = by_attribute(&points, "memtel.memory.limit", "memtel.limit.source");
+    assert_eq!(limits, BTreeMap::from([("configured".to_owned(), LIMIT as f64)]));
+    let utilization = single(&points, "process.memory.utilization");
+    assert!(
+        rel_diff(utilization, usage / LIMIT as f64) < 1e-6,
+        "utilization {utilization} = usage/limit {} within one export",
+        usage / LIMIT as f64
+    );
+    assert!(single(&points, "memtel.memory.peak") >= usage);
+    assert!(single(&points, "process.memory.virtual") >= usage);
+
+    let levels = by_attribute(&points, "memtel.memory.pressure", "memtel.pressure.level");
+    assert_eq!(
+        levels.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["critical", "normal", "warning"]
+    );
+    assert_eq!(
+        levels.values().filter(|v| **v == 1.0).count(),
+        1,
+        "exactly one level at 1: {levels:?}"
+    );
+    assert_eq!(levels["normal"], 1.0, "utilization {utilization} is normal");
+
+    let stats = by_attribute(&points, "jemalloc.memory", "jemalloc.stat");
+    let stat_names: Vec<&str> = stats.keys().map(String::as_str).collect();
+    assert_eq!(
+        stat_names,
+        ["active", "allocated", "mapped", "metadata", "resident", "retained"]
+    );
+    assert_eq!(single(&points, "memtel.heap.allocated"), stats["allocated"]);
+    let fragmentation = single(&points, "jemalloc.fragmentation");
+    assert!(rel_diff(fragmentation, stats["resident"] / stats["allocated"]) < 1e-9);
+    let overhead = single(&points, "jemalloc.metadata.overhead");
+    assert!(rel_diff(overhead, stats["metadata"] / stats["allocated"]) < 1e-9);
+
+    let components = by_attribute(&points, "memtel.component.usage", "memtel.component");
+    assert_eq!(components["known"], known.capacity() as f64);
+    assert!(
+        stats["allocated"] >= KNOWN as f64,
+        "the known bytes are in jemalloc's heap"
+    );
+    assert_eq!(components["other"], stats["allocated"] - KNOWN as f64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_export_carries_the_contract() {
+    check_contract(OtlpReceiver::start_grpc().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_protobuf_export_carries_the_contract() {
+    check_contract(OtlpReceiver::start_http().await).await;
+}
+
+/// A limit below RSS puts the process in `critical`: the state set says so alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pressure_state_set_follows_the_level() {
+    let _serial = SERIAL.lock().await;
+    let receiver = OtlpReceiver::start_grpc().await;
+    let tiny_limit = process::vm_rss() / 2;
+    export(&receiver, MemoryMonitor::builder().limit_bytes(tiny_limit).build()).await;
+    let points = first_export(&receiver);
+    let levels = by_attribute(&points, "memtel.memory.pressure", "memtel.pressure.level");
+    assert_eq!(levels["critical"], 1.0, "{levels:?}");
+    assert_eq!(levels["warning"] + levels["normal"], 0.0, "{levels:?}");
+    assert!(single(&points, "process.memory.utilization") > 1.0);
+}

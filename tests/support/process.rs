@@ -1,0 +1,35 @@
+//! The kernel's own figures for this process, read the way a person would check them.
+#![allow(dead_code)]
+
+/// A `Name:  N kB` field of `/proc/self/status`, in bytes.
+pub fn status_kb(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|rest| rest.trim().strip_suffix("kB"))
+        .and_then(|kb| kb.trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"))
+}
+
+/// VmRSS in bytes.
+pub fn vm_rss() -> u64 {
+    status_kb("VmRSS")
+}
+
+/// jemalloc's stats read directly, after advancing its epoch: (allocated, resident).
+pub fn jemalloc_allocated_resident() -> (u64, u64) {
+    tikv_jemalloc_ctl::epoch::advance().expect("epoch");
+    (
+        tikv_jemalloc_ctl::stats::allocated::read().expect("allocated") as u64,
+        tikv_jemalloc_ctl::stats::resident::read().expect("resident") as u64,
+    )
+}
+
+pub const MIB: f64 = 1_048_576.0;
+
+/// |a - b| / b
+pub fn rel_diff(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs()
+}
