@@ -36,7 +36,7 @@ fn main() -> ExitCode {
         Ok(l) => l,
         Err(e) => {
             return fail(format!(
-                "cannot listen on {} (--listen / MEMTEL_LISTEN): {e}",
+                "cannot listen on {} (--listen / MEMTEL_LISTEN / server.listen): {e}",
                 settings.listen
             ))
         }
@@ -82,9 +82,10 @@ fn main() -> ExitCode {
             .with_graceful_shutdown(shutdown_signal())
             .await
     });
+    // Flush while the runtime still runs: the gRPC exporter's channel lives on it.
+    pipeline.shutdown(FLUSH_TIMEOUT);
     drop(_context);
     drop(runtime);
-    pipeline.shutdown(FLUSH_TIMEOUT);
     match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(format!("server failed: {e}")),
