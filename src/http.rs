@@ -86,8 +86,8 @@ pub struct MemoryProfile {
     pub limit_source: Option<String>,
     /// MB per registered component, plus `other` (the heap remainder) when the heap is known.
     pub by_component: BTreeMap<String, u64>,
-    /// How the component figures were obtained: `reported` (by the components'
-    /// own callbacks).
+    /// How the component figures were obtained: `tracked` (by the tracking
+    /// allocator), `reported` (by the components' own callbacks) or `mixed` (both).
     pub by_component_source: String,
     /// `normal`, `warning` or `critical`.
     pub pressure: String,
@@ -159,7 +159,7 @@ impl MemoryProfile {
             limit_mb: snap.limit.map(|l| mb(l.bytes)),
             limit_source: snap.limit.map(|l| l.source.as_str().to_owned()),
             by_component,
-            by_component_source: "reported".to_owned(),
+            by_component_source: snap.component_source.as_str().to_owned(),
             pressure: snap.pressure.as_str().to_owned(),
             stats: ProfileStats {
                 usage_percentage: snap.utilization().map(|u| round(u * 100.0, 2)),

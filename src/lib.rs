@@ -41,6 +41,7 @@
 //!   settings). Libraries take `default-features = false, features = ["jemalloc"]`.
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
 
+pub mod alloc;
 mod error;
 mod monitor;
 mod otel;
@@ -50,10 +51,15 @@ mod source;
 #[cfg(feature = "http")]
 mod http;
 
+#[cfg(feature = "tracing")]
+pub use alloc::ComponentLayer;
+pub use alloc::{component, current_component, Component, InComponent};
 pub use error::Error;
 pub use monitor::{MemoryMonitor, MemoryMonitorBuilder, MAX_COMPONENTS, OTHER_COMPONENT};
 pub use otel::{register, scope, Instrument, MetricDef, METRICS};
-pub use snapshot::{classify, ComponentUsage, JemallocStats, Limit, LimitSource, Pressure, Snapshot, Thresholds};
+pub use snapshot::{
+    classify, ComponentSource, ComponentUsage, JemallocStats, Limit, LimitSource, Pressure, Snapshot, Thresholds,
+};
 
 #[cfg(feature = "http")]
 pub use http::{router, ErrorBody, JemallocProfile, MemoryProfile, ProfileStats, PROFILE_PATH};

@@ -12,8 +12,10 @@ use service::pipeline::{OtelSettings, Pipeline};
 use service::settings::Settings;
 use service::{demo, diagnostics};
 
+/// Every heap byte attributed to the component that allocated it, served by jemalloc.
 #[global_allocator]
-static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+static GLOBAL: memtel::alloc::TrackingAllocator<tikv_jemallocator::Jemalloc> =
+    memtel::alloc::TrackingAllocator::new(tikv_jemallocator::Jemalloc);
 
 /// How long shutdown waits for the last metrics flush.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -26,7 +28,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    diagnostics::init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the async runtime: {e}")),
@@ -49,6 +50,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    diagnostics::init(pipeline.tracer());
 
     let mut builder = MemoryMonitor::builder().thresholds(settings.thresholds);
     if let Some(bytes) = settings.limit_bytes {
@@ -59,9 +61,7 @@ fn main() -> ExitCode {
         memtel::register(&monitor, &meter);
     }
     if settings.demo {
-        if let Err(e) = demo::start(&monitor) {
-            return fail(format!("cannot start the demo workload: {e}"));
-        }
+        demo::start();
     }
     let limit = monitor.limit();
     tracing::info!(

@@ -4,7 +4,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::snapshot::{classify, utilization, ComponentUsage, Limit, LimitSource, Snapshot, Thresholds};
+use crate::snapshot::{
+    classify, utilization, ComponentSource, ComponentUsage, Limit, LimitSource, Snapshot, Thresholds,
+};
 use crate::source::{limit, peak::Peak, statm::Statm};
 use crate::Error;
 
@@ -180,23 +182,20 @@ impl MemoryMonitor {
         let jemalloc = inner.jemalloc.as_ref().and_then(|j| j.read(inner.jemalloc_max_age));
         #[cfg(not(feature = "jemalloc"))]
         let jemalloc: Option<crate::snapshot::JemallocStats> = None;
-        let heap = jemalloc.map(|j| j.allocated);
-
-        let components: Vec<ComponentUsage> = {
-            let registry = inner.components.read().unwrap_or_else(|p| p.into_inner());
-            registry
-                .iter()
-                .filter_map(|c| {
-                    let bytes = catch_unwind(AssertUnwindSafe(|| (c.report)())).ok()?;
-                    Some(ComponentUsage {
-                        name: Arc::clone(&c.name),
-                        bytes,
-                    })
-                })
-                .collect()
+        let components = self.components();
+        let tracked = crate::alloc::tracking_installed();
+        let untagged = tracked.then(|| crate::alloc::counters::totals(0));
+        let heap = jemalloc.map(|j| j.allocated).or_else(|| {
+            // Without jemalloc stats the tracking allocator knows the live heap exactly.
+            untagged.map(|(allocated, freed)| {
+                let tracked_live: u64 = components.list.iter().filter_map(|c| c.tracked).sum();
+                allocated.saturating_sub(freed) + tracked_live
+            })
+        });
+        let other = match untagged {
+            Some((allocated, freed)) => Some(allocated.saturating_sub(freed)),
+            None => heap.map(|h| h.saturating_sub(components.reported_total)),
         };
-        let reported: u64 = components.iter().map(|c| c.bytes).fold(0, u64::saturating_add);
-        let other = heap.map(|h| h.saturating_sub(reported));
 
         Snapshot {
             taken_at,
@@ -206,14 +205,84 @@ impl MemoryMonitor {
             limit: inner.limit,
             heap_allocated_bytes: heap,
             jemalloc,
-            components,
+            components: components.list.into_iter().map(|c| c.usage).collect(),
             other_bytes: other,
+            other_allocated_total_bytes: untagged.map(|(allocated, _)| allocated),
+            component_source: components.source,
             pressure: classify(utilization(rss, inner.limit), &inner.thresholds),
+        }
+    }
+
+    /// Tracked components (when the tracking allocator is installed) merged by name
+    /// with the reported ones.
+    fn components(&self) -> Components {
+        let mut list: Vec<Entry> = Vec::new();
+        let tracked = crate::alloc::tracking_installed();
+        if tracked {
+            crate::alloc::for_each_component(|slot, name| {
+                let (allocated, freed) = crate::alloc::counters::totals(usize::from(slot));
+                let live = allocated.saturating_sub(freed);
+                list.push(Entry {
+                    usage: ComponentUsage {
+                        name: Arc::clone(name),
+                        bytes: live,
+                        source: ComponentSource::Tracked,
+                        allocated_total_bytes: Some(allocated),
+                    },
+                    tracked: Some(live),
+                });
+            });
+        }
+        let mut reported_total = 0u64;
+        let registry = self.inner.components.read().unwrap_or_else(|p| p.into_inner());
+        for c in registry.iter() {
+            // A panicking callback leaves its component out of this snapshot.
+            let Ok(bytes) = catch_unwind(AssertUnwindSafe(|| (c.report)())) else {
+                continue;
+            };
+            reported_total = reported_total.saturating_add(bytes);
+            match list.iter_mut().find(|e| e.usage.name == c.name) {
+                Some(entry) => {
+                    entry.usage.bytes = entry.usage.bytes.saturating_add(bytes);
+                    entry.usage.source = ComponentSource::Mixed;
+                }
+                None => list.push(Entry {
+                    usage: ComponentUsage {
+                        name: Arc::clone(&c.name),
+                        bytes,
+                        source: ComponentSource::Reported,
+                        allocated_total_bytes: None,
+                    },
+                    tracked: None,
+                }),
+            }
+        }
+        let source = match (tracked, registry.is_empty()) {
+            (false, _) => ComponentSource::Reported,
+            (true, true) => ComponentSource::Tracked,
+            (true, false) => ComponentSource::Mixed,
+        };
+        Components {
+            list,
+            reported_total,
+            source,
         }
     }
 }
 
-fn validate_component_name(name: &str) -> Result<(), Error> {
+/// Component figures of one snapshot, before they become `ComponentUsage`s.
+struct Components {
+    list: Vec<Entry>,
+    reported_total: u64,
+    source: ComponentSource,
+}
+
+struct Entry {
+    usage: ComponentUsage,
+    tracked: Option<u64>,
+}
+
+pub(crate) fn validate_component_name(name: &str) -> Result<(), Error> {
     let valid_chars = name
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));

@@ -292,4 +292,24 @@ pub const METRICS: &[MetricDef] = &[
             }
         },
     },
+    MetricDef {
+        name: "memtel.component.allocated",
+        instrument: Instrument::CounterU64,
+        unit: "By",
+        description: "The cumulative bytes allocated by each component, measured by the tracking allocator.",
+        attribute: Some("memtel.component"),
+        observe: |s, emit| {
+            for c in &s.components {
+                if let Some(total) = c.allocated_total_bytes {
+                    emit(
+                        Num::U(total),
+                        &[KeyValue::new("memtel.component", Value::from(c.name.clone()))],
+                    );
+                }
+            }
+            if let Some(total) = s.other_allocated_total_bytes {
+                emit(Num::U(total), &[KeyValue::new("memtel.component", OTHER_COMPONENT)]);
+            }
+        },
+    },
 ];

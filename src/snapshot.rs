@@ -34,11 +34,19 @@ pub struct Snapshot {
     pub heap_allocated_bytes: Option<u64>,
     /// jemalloc's statistics, when jemalloc is the global allocator and built with stats.
     pub jemalloc: Option<JemallocStats>,
-    /// Registered components, in registration order.
+    /// The components: tracked ones (interned with [`component`](crate::component)) in
+    /// interning order, then reported ones (registered with
+    /// [`MemoryMonitor::component`](crate::MemoryMonitor::component)). A name that is
+    /// both appears once, with the sum.
     pub components: Vec<ComponentUsage>,
-    /// The heap remainder: live heap minus the registered components, floored at 0.
-    /// `None` when the live heap is unknown.
+    /// Heap bytes in no component. With the tracking allocator: the tracked bytes
+    /// allocated outside every component scope. Without it: the live heap minus the
+    /// reported components, floored at 0, and `None` when the live heap is unknown.
     pub other_bytes: Option<u64>,
+    /// Cumulative bytes allocated outside every component (tracking allocator only).
+    pub other_allocated_total_bytes: Option<u64>,
+    /// How the component figures were obtained.
+    pub component_source: ComponentSource,
     /// The pressure level, classified from [`utilization`](Self::utilization).
     pub pressure: Pressure,
 }
@@ -66,14 +74,41 @@ pub(crate) fn utilization(rss: Option<u64>, limit: Option<Limit>) -> Option<f64>
     }
 }
 
-/// The live bytes of one registered component.
+/// The live bytes of one component.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ComponentUsage {
-    /// The name it was registered under.
+    /// The component's name.
     pub name: Arc<str>,
-    /// Live bytes, as the component reported them.
+    /// Live bytes: tracked heap bytes, reported bytes, or their sum.
     pub bytes: u64,
+    /// Where `bytes` came from.
+    pub source: ComponentSource,
+    /// Cumulative bytes allocated (tracked components only).
+    pub allocated_total_bytes: Option<u64>,
+}
+
+/// How component bytes were obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ComponentSource {
+    /// Measured by the tracking allocator: exact live heap bytes.
+    Tracked,
+    /// Returned by the application's callbacks.
+    Reported,
+    /// Both: tracked heap bytes plus reported bytes.
+    Mixed,
+}
+
+impl ComponentSource {
+    /// The value of `by_component_source` in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ComponentSource::Tracked => "tracked",
+            ComponentSource::Reported => "reported",
+            ComponentSource::Mixed => "mixed",
+        }
+    }
 }
 
 /// The effective memory limit and where it came from.

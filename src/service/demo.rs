@@ -1,12 +1,13 @@
 //! The demo workload: four components that really allocate, hold and free memory,
-//! each on its own rhythm, and report the bytes they hold.
+//! each on its own rhythm. None reports its own bytes: the tracking allocator
+//! attributes them. `extraction` and `browser` work inside tracing spans with a
+//! `component` field (so their spans also carry `memtel.alloc.*`); `cache` and `api`
+//! run as futures scoped with `in_component`.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
-use memtel::MemoryMonitor;
+use memtel::InComponent;
 
 /// One component's rhythm: every `period` it takes a `chunk`; at `max_chunks` it
 /// releases `release` of the oldest ones.
@@ -53,30 +54,44 @@ const RHYTHMS: [Rhythm; 4] = [
     },
 ];
 
-/// Registers the four components on `monitor` and spawns their tasks on the current runtime.
-pub(crate) fn start(monitor: &MemoryMonitor) -> Result<(), memtel::Error> {
+/// Spawns the four components' tasks on the current runtime.
+pub(crate) fn start() {
     for rhythm in RHYTHMS {
-        let held = Arc::new(AtomicU64::new(0));
-        let reported = Arc::clone(&held);
-        monitor.component(rhythm.name, move || reported.load(Ordering::Relaxed))?;
-        tokio::spawn(run(rhythm, held));
+        match rhythm.name {
+            "extraction" | "browser" => tokio::spawn(run_in_spans(rhythm)),
+            name => tokio::spawn(run(rhythm).in_component(memtel::component(name))),
+        };
     }
-    Ok(())
 }
 
-async fn run(rhythm: Rhythm, held: Arc<AtomicU64>) {
+/// Each step runs in its own span named after the component.
+async fn run_in_spans(rhythm: Rhythm) {
     let mut chunks: VecDeque<Vec<u8>> = VecDeque::with_capacity(rhythm.max_chunks);
     let mut tick = tokio::time::interval(rhythm.period);
     let mut fill = 1u8;
     loop {
         tick.tick().await;
-        if chunks.len() >= rhythm.max_chunks {
-            chunks.drain(..rhythm.release.min(chunks.len()));
-        }
-        // Written, not just reserved, so the pages are resident.
-        chunks.push_back(vec![fill; rhythm.chunk]);
-        fill = fill.wrapping_add(1).max(1);
-        let bytes: usize = chunks.iter().map(Vec::capacity).sum();
-        held.store(bytes as u64, Ordering::Relaxed);
+        let span = tracing::info_span!("demo.step", component = rhythm.name);
+        span.in_scope(|| step(&rhythm, &mut chunks, &mut fill));
     }
+}
+
+/// The whole loop runs in the component scope set by `in_component`.
+async fn run(rhythm: Rhythm) {
+    let mut chunks: VecDeque<Vec<u8>> = VecDeque::with_capacity(rhythm.max_chunks);
+    let mut tick = tokio::time::interval(rhythm.period);
+    let mut fill = 1u8;
+    loop {
+        tick.tick().await;
+        step(&rhythm, &mut chunks, &mut fill);
+    }
+}
+
+fn step(rhythm: &Rhythm, chunks: &mut VecDeque<Vec<u8>>, fill: &mut u8) {
+    if chunks.len() >= rhythm.max_chunks {
+        chunks.drain(..rhythm.release.min(chunks.len()));
+    }
+    // Written, not just reserved, so the pages are resident.
+    chunks.push_back(vec![*fill; rhythm.chunk]);
+    *fill = fill.wrapping_add(1).max(1);
 }

@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use opentelemetry_sdk::trace::SdkTracer;
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::filter::{filter_fn, EnvFilter, FilterExt};
@@ -18,9 +19,21 @@ use tracing_subscriber::util::SubscriberInitExt;
 /// At most one line per kind of SDK error per this period.
 pub(crate) const PERIOD: Duration = Duration::from_secs(60);
 
-/// Installs the global subscriber: `RUST_LOG` (default `info`) to stderr, SDK
-/// warnings and errors through the rate limiter.
-pub(crate) fn init() {
+/// Installs the global subscriber: component scopes and span allocation accounting,
+/// spans to OpenTelemetry (when a tracer is given), `RUST_LOG` (default `info`) to
+/// stderr, and SDK warnings and errors through the rate limiter.
+pub(crate) fn init(tracer: Option<SdkTracer>) {
+    // Spans of the exporters' own transport stack are not the service's work.
+    let otel = tracer.map(|tracer| {
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(filter_fn(|meta| {
+                *meta.level() <= Level::INFO
+                    && !["opentelemetry", "h2", "hyper", "tonic", "tower", "reqwest"]
+                        .iter()
+                        .any(|t| meta.target().starts_with(t))
+            }))
+    });
     let env_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
@@ -28,7 +41,14 @@ pub(crate) fn init() {
         .with_filter(env_filter.and(filter_fn(|meta| !is_sdk(meta.target()))));
     let sdk =
         RateLimited::default().with_filter(filter_fn(|meta| is_sdk(meta.target()) && *meta.level() <= Level::WARN));
-    tracing_subscriber::registry().with(fmt).with(sdk).init();
+    // ComponentLayer first: it records a span's allocation fields before the
+    // OpenTelemetry layer ends the span.
+    tracing_subscriber::registry()
+        .with(memtel::ComponentLayer::new())
+        .with(otel)
+        .with(fmt)
+        .with(sdk)
+        .init();
 }
 
 fn is_sdk(target: &str) -> bool {

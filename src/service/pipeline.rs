@@ -3,17 +3,19 @@
 use std::time::Duration;
 
 use opentelemetry::metrics::{Meter, MeterProvider as _};
+use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::KeyValue;
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
+use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
 
 use super::settings::{parse_bool, SettingsError};
 
-/// Where metrics go.
+/// Where a signal goes (`OTEL_METRICS_EXPORTER`, `OTEL_TRACES_EXPORTER`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum MetricsExporter {
+pub(crate) enum Exporter {
     Otlp,
     Console,
     None,
@@ -30,8 +32,10 @@ pub(crate) enum OtlpProtocol {
 /// endpoint, headers, timeout and compression from the same variables).
 #[derive(Debug, Clone)]
 pub(crate) struct OtelSettings {
-    pub(crate) exporter: MetricsExporter,
-    pub(crate) protocol: OtlpProtocol,
+    pub(crate) metrics: Exporter,
+    pub(crate) traces: Exporter,
+    pub(crate) metrics_protocol: OtlpProtocol,
+    pub(crate) traces_protocol: OtlpProtocol,
     pub(crate) interval: Option<Duration>,
 }
 
@@ -49,29 +53,29 @@ impl OtelSettings {
             Some(v) => parse_bool(&v).ok_or_else(|| bad("OTEL_SDK_DISABLED", &v, "expected true or false"))?,
             None => false,
         };
-        let exporter = match env("OTEL_METRICS_EXPORTER") {
-            _ if disabled => MetricsExporter::None,
-            None => MetricsExporter::Otlp,
+        let exporter = |name: &str| match env(name) {
+            _ if disabled => Ok(Exporter::None),
+            None => Ok(Exporter::Otlp),
             Some(v) => match v.trim() {
-                "otlp" => MetricsExporter::Otlp,
-                "console" => MetricsExporter::Console,
-                "none" => MetricsExporter::None,
-                _ => return Err(bad("OTEL_METRICS_EXPORTER", &v, "expected otlp, console or none")),
+                "otlp" => Ok(Exporter::Otlp),
+                "console" => Ok(Exporter::Console),
+                "none" => Ok(Exporter::None),
+                _ => Err(bad(name, &v, "expected otlp, console or none")),
             },
         };
-        let (protocol_var, protocol_value) = ["OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"]
-            .into_iter()
-            .find_map(|name| env(name).map(|v| (name, v)))
-            .unwrap_or(("", "http/protobuf".to_owned()));
-        let protocol = match protocol_value.trim() {
-            "grpc" => OtlpProtocol::Grpc,
-            "http/protobuf" => OtlpProtocol::HttpProtobuf,
-            _ => {
-                return Err(bad(
-                    protocol_var,
-                    &protocol_value,
+        let protocol = |signal_var: &'static str| {
+            let (var, value) = [signal_var, "OTEL_EXPORTER_OTLP_PROTOCOL"]
+                .into_iter()
+                .find_map(|name| env(name).map(|v| (name, v)))
+                .unwrap_or(("", "http/protobuf".to_owned()));
+            match value.trim() {
+                "grpc" => Ok(OtlpProtocol::Grpc),
+                "http/protobuf" => Ok(OtlpProtocol::HttpProtobuf),
+                _ => Err(bad(
+                    var,
+                    &value,
                     "expected grpc or http/protobuf (http/json is not supported)",
-                ))
+                )),
             }
         };
         let millis = |name: &str, allow_zero: bool| -> Result<Option<Duration>, SettingsError> {
@@ -87,9 +91,18 @@ impl OtelSettings {
             }
         };
         let interval = millis("OTEL_METRIC_EXPORT_INTERVAL", false)?;
-        millis("OTEL_EXPORTER_OTLP_TIMEOUT", true)?;
-        millis("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", true)?;
-        for name in ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"] {
+        for name in [
+            "OTEL_EXPORTER_OTLP_TIMEOUT",
+            "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT",
+            "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+        ] {
+            millis(name, true)?;
+        }
+        for name in [
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        ] {
             if let Some(v) = env(name) {
                 if v.starts_with("https://") {
                     return Err(bad(
@@ -103,7 +116,11 @@ impl OtelSettings {
                 }
             }
         }
-        for name in ["OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_METRICS_HEADERS"] {
+        for name in [
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            "OTEL_EXPORTER_OTLP_METRICS_HEADERS",
+            "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+        ] {
             if let Some(v) = env(name) {
                 let well_formed = v
                     .split(',')
@@ -114,68 +131,115 @@ impl OtelSettings {
             }
         }
         Ok(Self {
-            exporter,
-            protocol,
+            metrics: exporter("OTEL_METRICS_EXPORTER")?,
+            traces: exporter("OTEL_TRACES_EXPORTER")?,
+            metrics_protocol: protocol("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL")?,
+            traces_protocol: protocol("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")?,
             interval,
         })
     }
 }
 
-/// The meter provider, if metrics are exported at all.
+/// The meter and tracer providers, for the signals that are exported.
 pub(crate) struct Pipeline {
-    provider: Option<SdkMeterProvider>,
+    meters: Option<SdkMeterProvider>,
+    tracers: Option<SdkTracerProvider>,
 }
 
 impl Pipeline {
-    /// Builds the provider. Must run inside a Tokio runtime context: the gRPC
-    /// exporter's channel is bound to it.
+    /// Builds the providers. Must run inside a Tokio runtime context: the gRPC
+    /// exporters' channels are bound to it.
     pub(crate) fn start(settings: &OtelSettings) -> Result<Self, SettingsError> {
-        let provider = match settings.exporter {
-            MetricsExporter::None => return Ok(Self { provider: None }),
-            MetricsExporter::Console => SdkMeterProvider::builder()
-                .with_reader(periodic(
-                    opentelemetry_stdout::MetricExporter::default(),
-                    settings.interval,
-                ))
-                .with_resource(resource())
-                .build(),
-            MetricsExporter::Otlp => {
-                let exporter = match settings.protocol {
+        let invalid = |e: opentelemetry_otlp::ExporterBuildError| {
+            SettingsError(format!("invalid OTLP exporter settings (OTEL_EXPORTER_OTLP_*): {e}"))
+        };
+        let resource = resource();
+        let meters = match settings.metrics {
+            Exporter::None => None,
+            Exporter::Console => Some(
+                SdkMeterProvider::builder()
+                    .with_reader(periodic(
+                        opentelemetry_stdout::MetricExporter::default(),
+                        settings.interval,
+                    ))
+                    .with_resource(resource.clone())
+                    .build(),
+            ),
+            Exporter::Otlp => {
+                let exporter = match settings.metrics_protocol {
                     OtlpProtocol::Grpc => opentelemetry_otlp::MetricExporter::builder().with_tonic().build(),
                     OtlpProtocol::HttpProtobuf => opentelemetry_otlp::MetricExporter::builder()
                         .with_http()
                         .with_protocol(Protocol::HttpBinary)
                         .build(),
                 }
-                .map_err(|e| SettingsError(format!("invalid OTLP exporter settings (OTEL_EXPORTER_OTLP_*): {e}")))?;
-                SdkMeterProvider::builder()
-                    .with_reader(periodic(exporter, settings.interval))
-                    .with_resource(resource())
-                    .build()
+                .map_err(invalid)?;
+                Some(
+                    SdkMeterProvider::builder()
+                        .with_reader(periodic(exporter, settings.interval))
+                        .with_resource(resource.clone())
+                        .build(),
+                )
             }
         };
-        Ok(Self {
-            provider: Some(provider),
-        })
+        let tracers = match settings.traces {
+            Exporter::None => None,
+            Exporter::Console => Some(
+                SdkTracerProvider::builder()
+                    .with_batch_exporter(opentelemetry_stdout::SpanExporter::default())
+                    .with_resource(resource)
+                    .build(),
+            ),
+            Exporter::Otlp => {
+                let exporter = match settings.traces_protocol {
+                    OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder().with_tonic().build(),
+                    OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
+                        .with_http()
+                        .with_protocol(Protocol::HttpBinary)
+                        .build(),
+                }
+                .map_err(invalid)?;
+                Some(
+                    SdkTracerProvider::builder()
+                        .with_batch_exporter(exporter)
+                        .with_resource(resource)
+                        .build(),
+                )
+            }
+        };
+        Ok(Self { meters, tracers })
     }
 
     /// memtel's meter, when metrics are exported.
     pub(crate) fn meter(&self) -> Option<Meter> {
-        self.provider.as_ref().map(|p| p.meter_with_scope(memtel::scope()))
+        self.meters.as_ref().map(|p| p.meter_with_scope(memtel::scope()))
+    }
+
+    /// The tracer for tracing-opentelemetry, when traces are exported.
+    pub(crate) fn tracer(&self) -> Option<SdkTracer> {
+        self.tracers.as_ref().map(|p| p.tracer_with_scope(memtel::scope()))
     }
 
     /// Flushes the last interval and stops, waiting at most `timeout` so a dead
     /// collector cannot hold the process at exit.
     pub(crate) fn shutdown(self, timeout: Duration) {
-        let Some(provider) = self.provider else { return };
+        let Self { meters, tracers } = self;
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let _ = done_tx.send(provider.shutdown());
+            let metrics = meters.map(|p| p.shutdown());
+            let traces = tracers.map(|p| p.shutdown());
+            let _ = done_tx.send((metrics, traces));
         });
         match done_rx.recv_timeout(timeout) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!("metrics were not flushed at shutdown: {e}"),
-            Err(_) => tracing::warn!("metrics flush did not finish within {timeout:?}; exiting without it"),
+            Ok((metrics, traces)) => {
+                if let Some(Err(e)) = metrics {
+                    tracing::warn!("metrics were not flushed at shutdown: {e}");
+                }
+                if let Some(Err(e)) = traces {
+                    tracing::warn!("spans were not flushed at shutdown: {e}");
+                }
+            }
+            Err(_) => tracing::warn!("telemetry flush did not finish within {timeout:?}; exiting without it"),
         }
     }
 }

@@ -1,0 +1,53 @@
+//! Measured per-component memory: a tracking allocator and component scopes.
+//!
+//! Install [`TrackingAllocator`] as the global allocator, then make a component
+//! current while its code runs — a guard ([`Component::enter`]), a closure
+//! ([`Component::in_scope`]), a future ([`InComponent::in_component`]) or a tracing
+//! span with a `component` field ([`ComponentLayer`], feature `tracing`). Every heap
+//! byte allocated meanwhile is attributed to that component until it is freed,
+//! whoever frees it.
+//!
+//! "Tracked" bytes are the bytes of live Rust heap allocations, as requested (not
+//! rounded to size classes). The allocator cannot see memory outside the Rust heap:
+//! `mmap`s, C libraries calling `malloc` directly, thread stacks, or a browser
+//! subprocess. Report those with
+//! [`MemoryMonitor::component`](crate::MemoryMonitor::component); a name that is
+//! both tracked and reported shows the sum, with `by_component_source` = `mixed`.
+//!
+//! ```
+//! use memtel::alloc::TrackingAllocator;
+//! use memtel::InComponent;
+//!
+//! #[global_allocator]
+//! static GLOBAL: TrackingAllocator<tikv_jemallocator::Jemalloc> =
+//!     TrackingAllocator::new(tikv_jemallocator::Jemalloc);
+//!
+//! let cache = memtel::component("cache");
+//! let entries: Vec<String> = cache.in_scope(|| (0..1000).map(|i| i.to_string()).collect());
+//! assert!(cache.live_bytes() >= 1000 * std::mem::size_of::<String>() as u64);
+//!
+//! # let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+//! let api = memtel::component("api");
+//! let body = rt.block_on(async { vec![0u8; 4096] }.in_component(api));
+//! assert!(api.live_bytes() >= 4096);
+//! # drop((entries, body));
+//! ```
+
+mod allocator;
+pub(crate) mod counters;
+#[cfg(feature = "tracing")]
+mod layer;
+mod registry;
+mod scope;
+
+pub use allocator::TrackingAllocator;
+#[cfg(feature = "tracing")]
+pub use layer::ComponentLayer;
+pub use scope::{component, current_component, Component, ComponentFuture, ComponentGuard, InComponent};
+
+pub(crate) use registry::for_each as for_each_component;
+
+/// Whether the [`TrackingAllocator`] is the global allocator (it has served an allocation).
+pub fn tracking_installed() -> bool {
+    counters::installed()
+}
