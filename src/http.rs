@@ -12,7 +12,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use crate::monitor::OTHER_COMPONENT;
-use crate::snapshot::{Pressure, Snapshot};
+use crate::snapshot::{KernelSignals, Pressure, PsiLine, Snapshot};
 use crate::MemoryMonitor;
 
 /// The path of the profile document.
@@ -96,6 +96,65 @@ pub struct MemoryProfile {
     /// jemalloc's figures; absent when jemalloc stats are not available.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jemalloc: Option<JemallocProfile>,
+    /// The kernel's own signals; each part absent where the system does not provide it.
+    pub kernel: KernelProfile,
+}
+
+/// The `kernel` object of [`MemoryProfile`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[non_exhaustive]
+pub struct KernelProfile {
+    /// Memory pressure stall information.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub psi: Option<PsiProfile>,
+    /// The process's memory cgroup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<CgroupProfile>,
+}
+
+/// PSI as reported by the kernel.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[non_exhaustive]
+pub struct PsiProfile {
+    /// `cgroup` (the group's `memory.pressure`) or `system` (`/proc/pressure/memory`).
+    pub source: String,
+    /// Some task stalled.
+    pub some: PsiLineProfile,
+    /// All non-idle tasks stalled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full: Option<PsiLineProfile>,
+}
+
+/// One PSI line: averages in percent, total stall in seconds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[non_exhaustive]
+pub struct PsiLineProfile {
+    /// Percent of the last 10 s.
+    pub avg10: f64,
+    /// Percent of the last 60 s.
+    pub avg60: f64,
+    /// Percent of the last 300 s.
+    pub avg300: f64,
+    /// Total stall time, seconds.
+    pub total_secs: f64,
+}
+
+/// The memory cgroup.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[non_exhaustive]
+pub struct CgroupProfile {
+    /// 1 or 2.
+    pub version: u8,
+    /// The group's path in its hierarchy.
+    pub path: String,
+    /// The tightest hard limit in MB; `null` when unlimited.
+    pub limit_mb: Option<u64>,
+    /// The tightest `memory.high` in MB (v2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub high_mb: Option<u64>,
+    /// Event counters, those the cgroup version provides.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub events: BTreeMap<String, u64>,
 }
 
 /// The `stats` object of [`MemoryProfile`].
@@ -106,11 +165,11 @@ pub struct ProfileStats {
     pub usage_percentage: Option<f64>,
     /// `pressure != "normal"`.
     pub is_under_pressure: bool,
-    /// Seconds since the last cleanup ran; `null` when none has.
+    /// Seconds since the last cleanup ran; `null` when none has (a manager runs them).
     pub last_cleanup_secs_ago: Option<u64>,
     /// Seconds since the last allocator purge; `null` when none has.
     pub last_gc_secs_ago: Option<u64>,
-    /// Cleanups run. A monitor alone takes no action, so this is 0 until a manager acts.
+    /// Cleanup cycles run by a [`MemoryManager`](crate::MemoryManager); 0 without one.
     pub cleanup_count: u64,
     /// Allocator purges run.
     pub gc_count: u64,
@@ -164,10 +223,10 @@ impl MemoryProfile {
             stats: ProfileStats {
                 usage_percentage: snap.utilization().map(|u| round(u * 100.0, 2)),
                 is_under_pressure: snap.pressure != Pressure::Normal,
-                last_cleanup_secs_ago: None,
-                last_gc_secs_ago: None,
-                cleanup_count: 0,
-                gc_count: 0,
+                last_cleanup_secs_ago: snap.actions.last_cleanup_ago.map(|d| d.as_secs()),
+                last_gc_secs_ago: snap.actions.last_gc_ago.map(|d| d.as_secs()),
+                cleanup_count: snap.actions.cleanup_runs,
+                gc_count: snap.actions.gc_runs,
             },
             jemalloc: snap.jemalloc.map(|j| JemallocProfile {
                 allocated_mb: mb_f(j.allocated),
@@ -180,7 +239,44 @@ impl MemoryProfile {
                 metadata_overhead_ratio: j.metadata_overhead_ratio().map(|r| round(r, 4)),
                 stats_age_ms: u64::try_from(j.age.as_millis()).unwrap_or(u64::MAX),
             }),
+            kernel: kernel_profile(&snap.kernel),
         }
+    }
+}
+
+fn kernel_profile(kernel: &KernelSignals) -> KernelProfile {
+    let line = |l: &PsiLine| PsiLineProfile {
+        avg10: l.avg10,
+        avg60: l.avg60,
+        avg300: l.avg300,
+        total_secs: l.total_us as f64 / 1e6,
+    };
+    KernelProfile {
+        psi: kernel.psi.map(|p| PsiProfile {
+            source: kernel.psi_source.map_or("system", |s| s.as_str()).to_owned(),
+            some: line(&p.some),
+            full: p.full.as_ref().map(line),
+        }),
+        cgroup: kernel.cgroup.as_ref().map(|cg| CgroupProfile {
+            version: cg.version,
+            path: cg.path.clone(),
+            limit_mb: cg.limit_bytes.map(mb),
+            high_mb: cg.high_bytes.map(mb),
+            events: cg
+                .events
+                .map(|e| {
+                    [
+                        ("high", e.high),
+                        ("max", e.max),
+                        ("oom", e.oom),
+                        ("oom_kill", e.oom_kill),
+                    ]
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((k.to_owned(), v?)))
+                    .collect()
+                })
+                .unwrap_or_default(),
+        }),
     }
 }
 

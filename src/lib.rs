@@ -43,6 +43,8 @@
 
 pub mod alloc;
 mod error;
+#[cfg(feature = "manager")]
+mod manager;
 mod monitor;
 mod otel;
 mod snapshot;
@@ -55,11 +57,17 @@ mod http;
 pub use alloc::ComponentLayer;
 pub use alloc::{component, current_component, Component, InComponent};
 pub use error::Error;
+#[cfg(feature = "manager")]
+pub use manager::{MemoryManager, Plan};
 pub use monitor::{MemoryMonitor, MemoryMonitorBuilder, MAX_COMPONENTS, OTHER_COMPONENT};
 pub use otel::{register, scope, Instrument, MetricDef, METRICS};
 pub use snapshot::{
-    classify, ComponentSource, ComponentUsage, JemallocStats, Limit, LimitSource, Pressure, Snapshot, Thresholds,
+    classify, next_level, Actions, CgroupEvents, CgroupSignals, ComponentSource, ComponentUsage, JemallocStats,
+    KernelSignals, Limit, LimitSource, Pressure, Psi, PsiLine, PsiSource, Snapshot, Thresholds,
 };
 
 #[cfg(feature = "http")]
-pub use http::{router, ErrorBody, JemallocProfile, MemoryProfile, ProfileStats, PROFILE_PATH};
+pub use http::{
+    router, CgroupProfile, ErrorBody, JemallocProfile, KernelProfile, MemoryProfile, ProfileStats, PsiLineProfile,
+    PsiProfile, PROFILE_PATH,
+};

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use axum::routing::get;
-use memtel::MemoryMonitor;
+use memtel::{MemoryManager, MemoryMonitor};
 
 use service::pipeline::{OtelSettings, Pipeline};
 use service::settings::Settings;
@@ -52,17 +52,29 @@ fn main() -> ExitCode {
     };
     diagnostics::init(pipeline.tracer());
 
-    let mut builder = MemoryMonitor::builder().thresholds(settings.thresholds);
+    let mut builder = MemoryMonitor::builder()
+        .thresholds(settings.thresholds)
+        .hysteresis(settings.hysteresis);
     if let Some(bytes) = settings.limit_bytes {
         builder = builder.limit_bytes(bytes);
+    }
+    if let Some(percent) = settings.psi_full_escalation {
+        builder = builder.psi_full_escalation(percent);
     }
     let monitor = builder.build();
     if let Some(meter) = pipeline.meter() {
         memtel::register(&monitor, &meter);
     }
-    if settings.demo {
-        demo::start();
+    let mut manager = MemoryManager::new(monitor.clone())
+        .check_interval(settings.check_interval)
+        .cooldown(settings.cooldown);
+    if let Some(bytes) = settings.gc_trigger_bytes {
+        manager = manager.gc_trigger_bytes(bytes);
     }
+    if settings.demo {
+        manager = demo::start(manager);
+    }
+    manager.spawn();
     let limit = monitor.limit();
     tracing::info!(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),

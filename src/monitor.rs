@@ -4,10 +4,11 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::snapshot::{
-    classify, utilization, ComponentSource, ComponentUsage, Limit, LimitSource, Snapshot, Thresholds,
-};
-use crate::source::{limit, peak::Peak, statm::Statm};
+use crate::snapshot::{next_level, Actions, Pressure};
+use crate::snapshot::{utilization, ComponentSource, ComponentUsage, Limit, Snapshot, Thresholds};
+use crate::source::cgroup::Cgroup;
+use crate::source::limit::{self, KernelReading};
+use crate::source::{peak::Peak, statm::Statm};
 use crate::Error;
 
 /// At most this many components can be registered, so metric attribute sets stay bounded.
@@ -60,8 +61,15 @@ struct Inner {
     #[cfg(feature = "jemalloc")]
     jemalloc: Option<crate::source::jemalloc::Jemalloc>,
     jemalloc_max_age: Duration,
-    limit: Option<Limit>,
+    configured_limit: Option<u64>,
+    cgroup: Option<Cgroup>,
+    kernel: Mutex<(Instant, KernelReading)>,
+    kernel_max_age: Duration,
     thresholds: Thresholds,
+    hysteresis: f64,
+    psi_full_escalation: Option<f64>,
+    level: Mutex<Pressure>,
+    pub(crate) actions: ActionStats,
     components: RwLock<Vec<Component>>,
     cache_window: Duration,
     latest: Mutex<Option<(Instant, Arc<Snapshot>)>>,
@@ -70,7 +78,7 @@ struct Inner {
 impl std::fmt::Debug for MemoryMonitor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryMonitor")
-            .field("limit", &self.inner.limit)
+            .field("limit", &self.limit())
             .field("thresholds", &self.inner.thresholds)
             .field("jemalloc", &self.jemalloc_available())
             .field("cache_window", &self.inner.cache_window)
@@ -145,9 +153,22 @@ impl MemoryMonitor {
         snap
     }
 
-    /// The effective limit, fixed when the monitor was built.
+    /// The effective limit as last read (re-read every
+    /// [`kernel_max_age`](MemoryMonitorBuilder::kernel_max_age)).
     pub fn limit(&self) -> Option<Limit> {
-        self.inner.limit
+        self.kernel().limit
+    }
+
+    /// The kernel reading, refreshed when older than `kernel_max_age`.
+    fn kernel(&self) -> KernelReading {
+        let mut kernel = self.inner.kernel.lock().unwrap_or_else(|p| p.into_inner());
+        if kernel.0.elapsed() >= self.inner.kernel_max_age {
+            *kernel = (
+                Instant::now(),
+                limit::read_live(self.inner.cgroup.as_ref(), self.inner.configured_limit),
+            );
+        }
+        kernel.1.clone()
     }
 
     /// The pressure thresholds.
@@ -182,6 +203,7 @@ impl MemoryMonitor {
         let jemalloc = inner.jemalloc.as_ref().and_then(|j| j.read(inner.jemalloc_max_age));
         #[cfg(not(feature = "jemalloc"))]
         let jemalloc: Option<crate::snapshot::JemallocStats> = None;
+        let kernel = self.kernel();
         let components = self.components();
         let tracked = crate::alloc::tracking_installed();
         let untagged = tracked.then(|| crate::alloc::counters::totals(0));
@@ -202,15 +224,77 @@ impl MemoryMonitor {
             rss_bytes: rss,
             virtual_bytes: statm.map(|s| s.virtual_bytes),
             peak_rss_bytes: peak,
-            limit: inner.limit,
+            limit: kernel.limit,
             heap_allocated_bytes: heap,
             jemalloc,
             components: components.list.into_iter().map(|c| c.usage).collect(),
             other_bytes: other,
             other_allocated_total_bytes: untagged.map(|(allocated, _)| allocated),
             component_source: components.source,
-            pressure: classify(utilization(rss, inner.limit), &inner.thresholds),
+            pressure: self.level(utilization(rss, kernel.limit), &kernel, rss),
+            actions: inner.actions.read(),
+            kernel: kernel.signals,
         }
+    }
+
+    pub(crate) fn inner_actions(&self) -> &ActionStats {
+        &self.inner.actions
+    }
+
+    /// Live heap bytes right now: a fresh jemalloc reading, or the tracked total.
+    pub(crate) fn heap_bytes_now(&self) -> Option<u64> {
+        #[cfg(feature = "jemalloc")]
+        if let Some(stats) = self.inner.jemalloc.as_ref().and_then(|j| j.read(Duration::ZERO)) {
+            return Some(stats.allocated);
+        }
+        crate::alloc::tracking_installed().then(crate::alloc::counters::live_total)
+    }
+
+    /// Purges every jemalloc arena; jemalloc's resident bytes (before, after).
+    pub(crate) fn purge(&self) -> Option<(u64, u64)> {
+        #[cfg(feature = "jemalloc")]
+        {
+            let jemalloc = self.inner.jemalloc.as_ref()?;
+            let before = jemalloc.read(Duration::ZERO)?.resident;
+            if !crate::source::jemalloc::purge_all_arenas() {
+                return None;
+            }
+            let after = jemalloc.read(Duration::ZERO)?.resident;
+            Some((before, after))
+        }
+        #[cfg(not(feature = "jemalloc"))]
+        None
+    }
+
+    /// The next pressure level (hysteresis, PSI escalation); a change is logged.
+    fn level(&self, utilization: Option<f64>, kernel: &KernelReading, rss: Option<u64>) -> Pressure {
+        let inner = &*self.inner;
+        let psi = inner
+            .psi_full_escalation
+            .and_then(|limit| Some((kernel.signals.psi?.full?.avg10, limit)));
+        let mut level = inner.level.lock().unwrap_or_else(|p| p.into_inner());
+        let previous = *level;
+        let next = next_level(previous, utilization, &inner.thresholds, inner.hysteresis, psi);
+        *level = next;
+        if next != previous {
+            let limit = kernel.limit.map(|l| l.bytes);
+            let psi_full_avg10 = psi.map(|(avg10, _)| avg10);
+            match next {
+                Pressure::Critical => tracing::error!(
+                    target: "memtel::pressure", level = %next, from = %previous, usage_bytes = rss,
+                    limit_bytes = limit, utilization, psi_full_avg10, "memory pressure critical"
+                ),
+                Pressure::Warning if previous == Pressure::Normal => tracing::warn!(
+                    target: "memtel::pressure", level = %next, from = %previous, usage_bytes = rss,
+                    limit_bytes = limit, utilization, psi_full_avg10, "memory pressure warning"
+                ),
+                _ => tracing::info!(
+                    target: "memtel::pressure", level = %next, from = %previous, usage_bytes = rss,
+                    limit_bytes = limit, utilization, psi_full_avg10, "memory pressure eased"
+                ),
+            }
+        }
+        next
     }
 
     /// Tracked components (when the tracking allocator is installed) merged by name
@@ -270,6 +354,62 @@ impl MemoryMonitor {
     }
 }
 
+/// Actions taken by a manager, shared with every snapshot.
+#[derive(Debug, Default)]
+pub(crate) struct ActionStats {
+    cleanup: ActionCounter,
+    gc: ActionCounter,
+}
+
+#[derive(Debug, Default)]
+struct ActionCounter {
+    runs: std::sync::atomic::AtomicU64,
+    freed: std::sync::atomic::AtomicU64,
+    last: Mutex<Option<Instant>>,
+}
+
+impl ActionCounter {
+    fn record(&self, freed: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.runs.fetch_add(1, Relaxed);
+        self.freed.fetch_add(freed, Relaxed);
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    fn read(&self) -> (u64, u64, Option<Duration>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let last = *self.last.lock().unwrap_or_else(|p| p.into_inner());
+        (
+            self.runs.load(Relaxed),
+            self.freed.load(Relaxed),
+            last.map(|t| t.elapsed()),
+        )
+    }
+}
+
+impl ActionStats {
+    pub(crate) fn record_cleanup(&self, freed: u64) {
+        self.cleanup.record(freed);
+    }
+
+    pub(crate) fn record_gc(&self, freed: u64) {
+        self.gc.record(freed);
+    }
+
+    fn read(&self) -> Actions {
+        let (cleanup_runs, cleanup_freed_bytes, last_cleanup_ago) = self.cleanup.read();
+        let (gc_runs, gc_freed_bytes, last_gc_ago) = self.gc.read();
+        Actions {
+            cleanup_runs,
+            cleanup_freed_bytes,
+            last_cleanup_ago,
+            gc_runs,
+            gc_freed_bytes,
+            last_gc_ago,
+        }
+    }
+}
+
 /// Component figures of one snapshot, before they become `ComponentUsage`s.
 struct Components {
     list: Vec<Entry>,
@@ -300,8 +440,11 @@ pub(crate) fn validate_component_name(name: &str) -> Result<(), Error> {
 pub struct MemoryMonitorBuilder {
     limit_bytes: Option<u64>,
     thresholds: Thresholds,
+    hysteresis: f64,
+    psi_full_escalation: Option<f64>,
     cache_window: Duration,
     jemalloc_max_age: Duration,
+    kernel_max_age: Duration,
 }
 
 impl Default for MemoryMonitorBuilder {
@@ -309,8 +452,11 @@ impl Default for MemoryMonitorBuilder {
         Self {
             limit_bytes: None,
             thresholds: Thresholds::default(),
+            hysteresis: 0.05,
+            psi_full_escalation: None,
             cache_window: Duration::from_millis(5),
             jemalloc_max_age: Duration::from_millis(100),
+            kernel_max_age: Duration::from_secs(1),
         }
     }
 }
@@ -326,6 +472,33 @@ impl MemoryMonitorBuilder {
     /// Pressure thresholds. Defaults to 0.80 (warning) and 0.90 (critical).
     pub fn thresholds(mut self, thresholds: Thresholds) -> Self {
         self.thresholds = thresholds;
+        self
+    }
+
+    /// How far below a threshold (as a fraction of the limit) utilization must fall
+    /// before its level is left, so the level does not flap. Defaults to 0.05.
+    /// Values outside `0..=1` are clamped.
+    pub fn hysteresis(mut self, margin: f64) -> Self {
+        self.hysteresis = if margin.is_finite() {
+            margin.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        self
+    }
+
+    /// Raise the level to at least `warning` while PSI `full` avg10 (percent of time
+    /// all tasks stalled on memory) exceeds `percent`. Off by default.
+    pub fn psi_full_escalation(mut self, percent: f64) -> Self {
+        self.psi_full_escalation = Some(percent);
+        self
+    }
+
+    /// How often the limit and the kernel's signals (PSI, cgroup events) are re-read.
+    /// Defaults to 1 s: limits change under in-place resize, and PSI averages only
+    /// move every 2 s.
+    pub fn kernel_max_age(mut self, max_age: Duration) -> Self {
+        self.kernel_max_age = max_age;
         self
     }
 
@@ -352,10 +525,8 @@ impl MemoryMonitorBuilder {
     /// Opens the sources and detects the limit. Never fails: what cannot be read is
     /// `None` in every snapshot.
     pub fn build(self) -> MemoryMonitor {
-        let limit = match self.limit_bytes {
-            Some(bytes) => Some(Limit::new(bytes, LimitSource::Configured)),
-            None => limit::detect(),
-        };
+        let cgroup = limit::discover_live();
+        let kernel = limit::read_live(cgroup.as_ref(), self.limit_bytes);
         MemoryMonitor {
             inner: Arc::new(Inner {
                 statm: Statm::open(),
@@ -363,8 +534,15 @@ impl MemoryMonitorBuilder {
                 #[cfg(feature = "jemalloc")]
                 jemalloc: crate::source::jemalloc::Jemalloc::detect(),
                 jemalloc_max_age: self.jemalloc_max_age,
-                limit,
+                configured_limit: self.limit_bytes,
+                cgroup,
+                kernel: Mutex::new((Instant::now(), kernel)),
+                kernel_max_age: self.kernel_max_age,
                 thresholds: self.thresholds,
+                hysteresis: self.hysteresis,
+                psi_full_escalation: self.psi_full_escalation,
+                level: Mutex::new(Pressure::Normal),
+                actions: ActionStats::default(),
                 components: RwLock::new(Vec::new()),
                 cache_window: self.cache_window,
                 latest: Mutex::new(None),

@@ -82,6 +82,14 @@ pub fn register(monitor: &MemoryMonitor, meter: &Meter) {
                     .with_callback(callback!(Num::as_f64))
                     .build();
             }
+            Instrument::CounterF64 => {
+                meter
+                    .f64_observable_counter(def.name)
+                    .with_unit(def.unit)
+                    .with_description(def.description)
+                    .with_callback(callback!(Num::as_f64))
+                    .build();
+            }
             Instrument::CounterU64 => {
                 meter
                     .u64_observable_counter(def.name)
@@ -106,6 +114,8 @@ pub enum Instrument {
     GaugeF64,
     /// `ObservableCounter<u64>`: exported as a monotonic sum.
     CounterU64,
+    /// `ObservableCounter<f64>`: exported as a monotonic sum.
+    CounterF64,
 }
 
 /// One row of the metrics contract.
@@ -120,8 +130,8 @@ pub struct MetricDef {
     pub unit: &'static str,
     /// One sentence.
     pub description: &'static str,
-    /// The attribute key its data points carry, if any.
-    pub attribute: Option<&'static str>,
+    /// The attribute keys its data points carry.
+    pub attributes: &'static [&'static str],
     observe: Observe,
 }
 
@@ -174,7 +184,7 @@ pub const METRICS: &[MetricDef] = &[
         instrument: Instrument::UpDownCounterI64,
         unit: "By",
         description: "The amount of physical memory in use (resident set size).",
-        attribute: None,
+        attributes: &[],
         observe: |s, emit| bytes(s.rss_bytes, emit),
     },
     MetricDef {
@@ -182,7 +192,7 @@ pub const METRICS: &[MetricDef] = &[
         instrument: Instrument::UpDownCounterI64,
         unit: "By",
         description: "The amount of committed virtual memory.",
-        attribute: None,
+        attributes: &[],
         observe: |s, emit| bytes(s.virtual_bytes, emit),
     },
     MetricDef {
@@ -190,7 +200,7 @@ pub const METRICS: &[MetricDef] = &[
         instrument: Instrument::GaugeI64,
         unit: "By",
         description: "The highest resident set size of this process since it started.",
-        attribute: None,
+        attributes: &[],
         observe: |s, emit| bytes(s.peak_rss_bytes, emit),
     },
     MetricDef {
@@ -198,7 +208,7 @@ pub const METRICS: &[MetricDef] = &[
         instrument: Instrument::UpDownCounterI64,
         unit: "By",
         description: "The memory limit that pressure is measured against.",
-        attribute: Some("memtel.limit.source"),
+        attributes: &["memtel.limit.source"],
         observe: |s, emit| {
             if let Some(limit) = s.limit {
                 emit(
@@ -213,7 +223,7 @@ pub const METRICS: &[MetricDef] = &[
         instrument: Instrument::GaugeF64,
         unit: "1",
         description: "The resident set size as a fraction of the memory limit.",
-        attribute: None,
+        attributes: &[],
         observe: |s, emit| ratio(s.utilization(), emit),
     },
     MetricDef {
@@ -221,7 +231,7 @@ pub const METRICS: &[MetricDef] = &[
         instrument: Instrument::UpDownCounterI64,
         unit: "1",
         description: "The memory pressure level as a state set: 1 for the current level, 0 for the others.",
-        attribute: Some("memtel.pressure.level"),
+        attributes: &["memtel.pressure.level"],
         observe: |s, emit| {
             for level in Pressure::ALL {
                 let value = u64::from(level == s.pressure);
@@ -234,7 +244,7 @@ pub const METRICS: &[MetricDef] = &[
         instrument: Instrument::UpDownCounterI64,
         unit: "By",
         description: "The bytes in live heap allocations.",
-        attribute: None,
+        attributes: &[],
         observe: |s, emit| bytes(s.heap_allocated_bytes, emit),
     },
     MetricDef {
@@ -242,7 +252,7 @@ pub const METRICS: &[MetricDef] = &[
         instrument: Instrument::UpDownCounterI64,
         unit: "By",
         description: "jemalloc's memory statistics, by statistic.",
-        attribute: Some("jemalloc.stat"),
+        attributes: &["jemalloc.stat"],
         observe: |s, emit| {
             if let Some(j) = s.jemalloc {
                 for (stat, value) in [
@@ -263,7 +273,7 @@ pub const METRICS: &[MetricDef] = &[
         instrument: Instrument::GaugeF64,
         unit: "1",
         description: "jemalloc's resident bytes divided by its allocated bytes.",
-        attribute: None,
+        attributes: &[],
         observe: |s, emit| ratio(s.jemalloc.and_then(|j| j.fragmentation_ratio()), emit),
     },
     MetricDef {
@@ -271,7 +281,7 @@ pub const METRICS: &[MetricDef] = &[
         instrument: Instrument::GaugeF64,
         unit: "1",
         description: "jemalloc's metadata bytes divided by its allocated bytes.",
-        attribute: None,
+        attributes: &[],
         observe: |s, emit| ratio(s.jemalloc.and_then(|j| j.metadata_overhead_ratio()), emit),
     },
     MetricDef {
@@ -279,7 +289,7 @@ pub const METRICS: &[MetricDef] = &[
         instrument: Instrument::UpDownCounterI64,
         unit: "By",
         description: "The live bytes of each component, the heap remainder as other.",
-        attribute: Some("memtel.component"),
+        attributes: &["memtel.component"],
         observe: |s, emit| {
             for c in &s.components {
                 emit(
@@ -297,7 +307,7 @@ pub const METRICS: &[MetricDef] = &[
         instrument: Instrument::CounterU64,
         unit: "By",
         description: "The cumulative bytes allocated by each component, measured by the tracking allocator.",
-        attribute: Some("memtel.component"),
+        attributes: &["memtel.component"],
         observe: |s, emit| {
             for c in &s.components {
                 if let Some(total) = c.allocated_total_bytes {
@@ -309,6 +319,103 @@ pub const METRICS: &[MetricDef] = &[
             }
             if let Some(total) = s.other_allocated_total_bytes {
                 emit(Num::U(total), &[KeyValue::new("memtel.component", OTHER_COMPONENT)]);
+            }
+        },
+    },
+    MetricDef {
+        name: "memtel.cleanup.runs",
+        instrument: Instrument::CounterU64,
+        unit: "{run}",
+        description: "The cleanup cycles a memory manager ran on entering a pressure level.",
+        attributes: &[],
+        observe: |s, emit| emit(Num::U(s.actions.cleanup_runs), &[]),
+    },
+    MetricDef {
+        name: "memtel.cleanup.freed",
+        instrument: Instrument::CounterU64,
+        unit: "By",
+        description: "The heap bytes cleanup cycles freed, measured before and after.",
+        attributes: &[],
+        observe: |s, emit| emit(Num::U(s.actions.cleanup_freed_bytes), &[]),
+    },
+    MetricDef {
+        name: "memtel.gc.runs",
+        instrument: Instrument::CounterU64,
+        unit: "{run}",
+        description: "The allocator purges a memory manager ran.",
+        attributes: &[],
+        observe: |s, emit| emit(Num::U(s.actions.gc_runs), &[]),
+    },
+    MetricDef {
+        name: "memtel.gc.freed",
+        instrument: Instrument::CounterU64,
+        unit: "By",
+        description: "The resident bytes allocator purges returned to the system, measured before and after.",
+        attributes: &[],
+        observe: |s, emit| emit(Num::U(s.actions.gc_freed_bytes), &[]),
+    },
+    MetricDef {
+        name: "memtel.psi.stall.time",
+        instrument: Instrument::CounterF64,
+        unit: "s",
+        description: "The total time tasks stalled on memory, from pressure stall information.",
+        attributes: &["memtel.psi.scope"],
+        observe: |s, emit| {
+            if let Some(psi) = s.kernel.psi {
+                emit(
+                    Num::F(psi.some.total_us as f64 / 1e6),
+                    &[KeyValue::new("memtel.psi.scope", "some")],
+                );
+                if let Some(full) = psi.full {
+                    emit(
+                        Num::F(full.total_us as f64 / 1e6),
+                        &[KeyValue::new("memtel.psi.scope", "full")],
+                    );
+                }
+            }
+        },
+    },
+    MetricDef {
+        name: "memtel.psi.pressure",
+        instrument: Instrument::GaugeF64,
+        unit: "1",
+        description: "The share of time tasks stalled on memory over each window, from pressure stall information.",
+        attributes: &["memtel.psi.scope", "memtel.psi.window"],
+        observe: |s, emit| {
+            let Some(psi) = s.kernel.psi else { return };
+            for (scope, line) in [("some", Some(psi.some)), ("full", psi.full)] {
+                let Some(line) = line else { continue };
+                for (window, avg) in [("10s", line.avg10), ("60s", line.avg60), ("300s", line.avg300)] {
+                    emit(
+                        Num::F(avg / 100.0),
+                        &[
+                            KeyValue::new("memtel.psi.scope", scope),
+                            KeyValue::new("memtel.psi.window", window),
+                        ],
+                    );
+                }
+            }
+        },
+    },
+    MetricDef {
+        name: "memtel.cgroup.events",
+        instrument: Instrument::CounterU64,
+        unit: "{event}",
+        description: "The memory events of the process's cgroup, by event.",
+        attributes: &["memtel.cgroup.event"],
+        observe: |s, emit| {
+            let Some(events) = s.kernel.cgroup.as_ref().and_then(|c| c.events) else {
+                return;
+            };
+            for (event, count) in [
+                ("high", events.high),
+                ("max", events.max),
+                ("oom", events.oom),
+                ("oom_kill", events.oom_kill),
+            ] {
+                if let Some(count) = count {
+                    emit(Num::U(count), &[KeyValue::new("memtel.cgroup.event", event)]);
+                }
             }
         },
     },

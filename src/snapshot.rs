@@ -7,6 +7,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+pub use crate::source::cgroup::CgroupEvents;
+pub use crate::source::psi::{Psi, PsiLine};
 use crate::Error;
 
 /// One reading of the process's memory, taken by [`MemoryMonitor::snapshot`].
@@ -47,8 +49,82 @@ pub struct Snapshot {
     pub other_allocated_total_bytes: Option<u64>,
     /// How the component figures were obtained.
     pub component_source: ComponentSource,
-    /// The pressure level, classified from [`utilization`](Self::utilization).
+    /// The pressure level: from [`utilization`](Self::utilization) with hysteresis,
+    /// raised to at least `warning` by PSI when so configured (see [`next_level`]).
     pub pressure: Pressure,
+    /// The kernel's own signals, at most [`kernel_max_age`] old.
+    ///
+    /// [`kernel_max_age`]: crate::MemoryMonitorBuilder::kernel_max_age
+    pub kernel: Arc<KernelSignals>,
+    /// What a [`MemoryManager`](crate::MemoryManager) has done.
+    pub actions: Actions,
+}
+
+/// The kernel's pressure signals, where the system provides them.
+#[derive(Debug, Clone, PartialEq, Default)]
+#[non_exhaustive]
+pub struct KernelSignals {
+    /// Memory pressure stall information.
+    pub psi: Option<Psi>,
+    /// Whose PSI: the process's cgroup (v2) or the whole system.
+    pub psi_source: Option<PsiSource>,
+    /// The process's memory cgroup.
+    pub cgroup: Option<CgroupSignals>,
+}
+
+/// Whose pressure stall information a snapshot carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PsiSource {
+    /// The cgroup's `memory.pressure` (v2).
+    Cgroup,
+    /// `/proc/pressure/memory`.
+    System,
+}
+
+impl PsiSource {
+    /// `cgroup` or `system`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PsiSource::Cgroup => "cgroup",
+            PsiSource::System => "system",
+        }
+    }
+}
+
+/// The process's memory cgroup and what it says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CgroupSignals {
+    /// 1 or 2.
+    pub version: u8,
+    /// The group's path in its hierarchy.
+    pub path: String,
+    /// The tightest hard limit on the path to the root; `None` when unlimited.
+    pub limit_bytes: Option<u64>,
+    /// The tightest `memory.high` (v2); `None` when unset or v1.
+    pub high_bytes: Option<u64>,
+    /// Event counters; `None` when unreadable.
+    pub events: Option<CgroupEvents>,
+}
+
+/// What a [`MemoryManager`](crate::MemoryManager) has done: the counts are zero and
+/// the times `None` when no manager runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Actions {
+    /// Cleanup cycles run (cleanup hooks fired on entering a pressure level).
+    pub cleanup_runs: u64,
+    /// Heap bytes the cleanup cycles freed, measured before and after.
+    pub cleanup_freed_bytes: u64,
+    /// Time since the last cleanup cycle.
+    pub last_cleanup_ago: Option<Duration>,
+    /// Allocator purges run ("gc cycles").
+    pub gc_runs: u64,
+    /// Resident bytes the purges returned to the OS, measured before and after.
+    pub gc_freed_bytes: u64,
+    /// Time since the last purge.
+    pub last_gc_ago: Option<Duration>,
 }
 
 impl Snapshot {
@@ -302,9 +378,110 @@ pub fn classify(utilization: Option<f64>, thresholds: &Thresholds) -> Pressure {
     }
 }
 
+/// The next pressure level, with hysteresis: a level is entered at its threshold and
+/// left only below its threshold minus `hysteresis` (a fraction of the limit), so a
+/// process hovering at a threshold does not flap. When `psi_escalation` is given and
+/// PSI `full` avg10 (percent) exceeds it, the level is at least `warning`.
+///
+/// ```
+/// use memtel::{next_level, Pressure, Thresholds};
+/// let t = Thresholds::default(); // 0.80, 0.90
+/// let level = next_level(Pressure::Normal, Some(0.80), &t, 0.05, None);
+/// assert_eq!(level, Pressure::Warning);
+/// // Stays in warning until below 0.75.
+/// assert_eq!(next_level(level, Some(0.76), &t, 0.05, None), Pressure::Warning);
+/// assert_eq!(next_level(level, Some(0.74), &t, 0.05, None), Pressure::Normal);
+/// ```
+pub fn next_level(
+    previous: Pressure,
+    utilization: Option<f64>,
+    thresholds: &Thresholds,
+    hysteresis: f64,
+    psi_escalation: Option<(f64, f64)>,
+) -> Pressure {
+    let entered = classify(utilization, thresholds);
+    // Where the previous level would still hold, given the margin.
+    let held = match (previous, utilization) {
+        (Pressure::Critical, Some(u)) if u >= thresholds.critical - hysteresis => Pressure::Critical,
+        (Pressure::Critical | Pressure::Warning, Some(u)) if u >= thresholds.warning - hysteresis => Pressure::Warning,
+        _ => Pressure::Normal,
+    };
+    let level = entered.max(held);
+    match psi_escalation {
+        Some((full_avg10, limit)) if full_avg10 > limit => level.max(Pressure::Warning),
+        _ => level,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hysteresis_at_the_boundaries() {
+        let t = Thresholds::new(0.8, 0.9).unwrap();
+        let h = 0.05;
+        let step = |prev, u| next_level(prev, Some(u), &t, h, None);
+        // Entering happens exactly at each threshold.
+        assert_eq!(step(Pressure::Normal, 0.7999), Pressure::Normal);
+        assert_eq!(step(Pressure::Normal, 0.80), Pressure::Warning);
+        assert_eq!(step(Pressure::Warning, 0.8999), Pressure::Warning);
+        assert_eq!(step(Pressure::Warning, 0.90), Pressure::Critical);
+        assert_eq!(step(Pressure::Normal, 0.95), Pressure::Critical);
+        // Leaving critical only below 0.85, warning only below 0.75.
+        assert_eq!(step(Pressure::Critical, 0.8501), Pressure::Critical);
+        assert_eq!(step(Pressure::Critical, 0.85), Pressure::Critical);
+        assert_eq!(step(Pressure::Critical, 0.8499), Pressure::Warning);
+        assert_eq!(step(Pressure::Critical, 0.7501), Pressure::Warning);
+        assert_eq!(step(Pressure::Critical, 0.70), Pressure::Normal);
+        assert_eq!(step(Pressure::Warning, 0.75), Pressure::Warning);
+        assert_eq!(step(Pressure::Warning, 0.7499), Pressure::Normal);
+        // A normal process below a threshold does not enter because of the margin.
+        assert_eq!(step(Pressure::Normal, 0.78), Pressure::Normal);
+        // Unknown utilization holds nothing.
+        assert_eq!(next_level(Pressure::Critical, None, &t, h, None), Pressure::Normal);
+    }
+
+    #[test]
+    fn hovering_at_a_threshold_does_not_flap() {
+        let t = Thresholds::new(0.8, 0.9).unwrap();
+        let mut level = Pressure::Normal;
+        let mut changes = 0;
+        for i in 0..100 {
+            let u = 0.80 + if i % 2 == 0 { 0.01 } else { -0.02 };
+            let next = next_level(level, Some(u), &t, 0.05, None);
+            changes += usize::from(next != level);
+            level = next;
+        }
+        assert_eq!(changes, 1, "entered once, never left");
+        // Without a margin the same signal flaps on every sample.
+        let mut level = Pressure::Normal;
+        let mut flaps = 0;
+        for i in 0..100 {
+            let u = 0.80 + if i % 2 == 0 { 0.01 } else { -0.02 };
+            let next = next_level(level, Some(u), &t, 0.0, None);
+            flaps += usize::from(next != level);
+            level = next;
+        }
+        assert_eq!(flaps, 100);
+    }
+
+    #[test]
+    fn psi_full_escalates_to_at_least_warning() {
+        let t = Thresholds::default();
+        assert_eq!(
+            next_level(Pressure::Normal, Some(0.1), &t, 0.05, Some((12.0, 10.0))),
+            Pressure::Warning
+        );
+        assert_eq!(
+            next_level(Pressure::Normal, Some(0.1), &t, 0.05, Some((10.0, 10.0))),
+            Pressure::Normal
+        );
+        assert_eq!(
+            next_level(Pressure::Normal, Some(0.95), &t, 0.05, Some((50.0, 10.0))),
+            Pressure::Critical
+        );
+    }
 
     #[test]
     fn classify_at_just_below_and_just_above_each_threshold() {

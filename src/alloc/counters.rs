@@ -193,3 +193,13 @@ pub(crate) fn totals(slot: usize) -> (u64, u64) {
         .fold(0u64, u64::wrapping_add);
     (allocated, freed)
 }
+
+/// Live tracked bytes over every slot.
+pub(crate) fn live_total() -> u64 {
+    (0..SLOTS)
+        .map(|slot| {
+            let (allocated, freed) = totals(slot);
+            allocated.saturating_sub(freed)
+        })
+        .sum()
+}

@@ -5,9 +5,10 @@
 //! run as futures scoped with `in_component`.
 
 use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use memtel::InComponent;
+use memtel::{InComponent, MemoryManager, Pressure};
 
 /// One component's rhythm: every `period` it takes a `chunk`; at `max_chunks` it
 /// releases `release` of the oldest ones.
@@ -28,12 +29,13 @@ const RHYTHMS: [Rhythm; 4] = [
         max_chunks: 24,
         release: 24,
     },
-    // A bounded cache: grows to a plateau, then evicts the oldest entry per insert.
+    // A cache: grows to a plateau, then evicts the oldest entry per insert. Its
+    // cleanup hook empties it when memory pressure rises.
     Rhythm {
         name: "cache",
-        chunk: 512 << 10,
+        chunk: 1 << 20,
         period: Duration::from_millis(100),
-        max_chunks: 40,
+        max_chunks: 64,
         release: 1,
     },
     // Browser pages: big, slow, halved when full.
@@ -54,13 +56,36 @@ const RHYTHMS: [Rhythm; 4] = [
     },
 ];
 
-/// Spawns the four components' tasks on the current runtime.
-pub(crate) fn start() {
+/// Spawns the four components' tasks on the current runtime and registers the
+/// cache's cleanup hook on `manager`.
+pub(crate) fn start(manager: MemoryManager) -> MemoryManager {
+    let cache: Cache = Arc::default();
     for rhythm in RHYTHMS {
         match rhythm.name {
             "extraction" | "browser" => tokio::spawn(run_in_spans(rhythm)),
+            "cache" => tokio::spawn(run_cache(rhythm, Arc::clone(&cache)).in_component(memtel::component("cache"))),
             name => tokio::spawn(run(rhythm).in_component(memtel::component(name))),
         };
+    }
+    manager.on_pressure(Pressure::Warning, "demo.cache.clear", move || {
+        let cache = Arc::clone(&cache);
+        async move {
+            let dropped = std::mem::take(&mut *cache.lock().unwrap_or_else(|p| p.into_inner()));
+            tracing::info!(entries = dropped.len(), "demo cache cleared");
+        }
+    })
+}
+
+type Cache = Arc<Mutex<VecDeque<Vec<u8>>>>;
+
+/// The cache's loop: the same rhythm, on the shared entries the hook can clear.
+async fn run_cache(rhythm: Rhythm, cache: Cache) {
+    let mut tick = tokio::time::interval(rhythm.period);
+    let mut fill = 1u8;
+    loop {
+        tick.tick().await;
+        let mut entries = cache.lock().unwrap_or_else(|p| p.into_inner());
+        step(&rhythm, &mut entries, &mut fill);
     }
 }
 

@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
@@ -39,7 +40,7 @@ Invalid settings exit with status 2; runtime failures (address in use) with 1.";
 #[derive(Debug, Parser)]
 #[command(name = "memtel", version, after_help = AFTER_HELP)]
 struct Cli {
-    /// YAML settings file (keys server.listen, memory.*, demo.enabled).
+    /// YAML settings file (keys server.listen, memory.*, demo.enabled; see README).
     #[arg(long, env = "MEMTEL_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:8080].
@@ -54,6 +55,21 @@ struct Cli {
     /// Critical threshold, fraction of the limit [default: 0.90].
     #[arg(long, env = "MEMTEL_CRITICAL_THRESHOLD", value_name = "FRACTION")]
     critical_threshold: Option<String>,
+    /// Purge the allocator while RSS exceeds this many MB [default: never].
+    #[arg(long, env = "MEMTEL_GC_TRIGGER_MB", value_name = "MB")]
+    gc_trigger_mb: Option<String>,
+    /// How often the memory manager samples, e.g. 1s, 500ms [default: 1s].
+    #[arg(long, env = "MEMTEL_CHECK_INTERVAL", value_name = "DURATION")]
+    check_interval: Option<String>,
+    /// Least time between two cleanups, and between two purges [default: 30s].
+    #[arg(long, env = "MEMTEL_COOLDOWN", value_name = "DURATION")]
+    cooldown: Option<String>,
+    /// A level is left only this far (fraction of the limit) below its threshold [default: 0.05].
+    #[arg(long, env = "MEMTEL_HYSTERESIS", value_name = "FRACTION")]
+    hysteresis: Option<String>,
+    /// Raise pressure to at least warning while PSI full avg10 exceeds this percent [default: off].
+    #[arg(long, env = "MEMTEL_PSI_FULL_ESCALATION", value_name = "PERCENT")]
+    psi_full_escalation: Option<String>,
     /// Run the demo workload [default; env MEMTEL_DEMO=true|false].
     #[arg(long, overrides_with = "no_demo")]
     demo: bool,
@@ -69,6 +85,11 @@ pub(crate) struct Settings {
     pub(crate) limit_bytes: Option<u64>,
     pub(crate) thresholds: Thresholds,
     pub(crate) demo: bool,
+    pub(crate) gc_trigger_bytes: Option<u64>,
+    pub(crate) check_interval: Duration,
+    pub(crate) cooldown: Duration,
+    pub(crate) hysteresis: f64,
+    pub(crate) psi_full_escalation: Option<f64>,
 }
 
 /// An invalid setting: the message names it, and the binary exits with status 2.
@@ -100,6 +121,11 @@ struct MemorySection {
     global_memory_limit_mb: Option<Scalar>,
     pressure_threshold: Option<Scalar>,
     critical_threshold: Option<Scalar>,
+    gc_trigger_threshold_mb: Option<Scalar>,
+    check_interval: Option<Scalar>,
+    cooldown: Option<Scalar>,
+    hysteresis: Option<Scalar>,
+    psi_full_escalation: Option<Scalar>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -159,6 +185,36 @@ const CRITICAL: Names = Names {
     env: "MEMTEL_CRITICAL_THRESHOLD",
     yaml: "memory.critical_threshold",
 };
+const GC_TRIGGER: Names = Names {
+    id: "gc_trigger_mb",
+    flag: "--gc-trigger-mb",
+    env: "MEMTEL_GC_TRIGGER_MB",
+    yaml: "memory.gc_trigger_threshold_mb",
+};
+const CHECK_INTERVAL: Names = Names {
+    id: "check_interval",
+    flag: "--check-interval",
+    env: "MEMTEL_CHECK_INTERVAL",
+    yaml: "memory.check_interval",
+};
+const COOLDOWN: Names = Names {
+    id: "cooldown",
+    flag: "--cooldown",
+    env: "MEMTEL_COOLDOWN",
+    yaml: "memory.cooldown",
+};
+const HYSTERESIS: Names = Names {
+    id: "hysteresis",
+    flag: "--hysteresis",
+    env: "MEMTEL_HYSTERESIS",
+    yaml: "memory.hysteresis",
+};
+const PSI_ESCALATION: Names = Names {
+    id: "psi_full_escalation",
+    flag: "--psi-full-escalation",
+    env: "MEMTEL_PSI_FULL_ESCALATION",
+    yaml: "memory.psi_full_escalation",
+};
 const DEMO: Names = Names {
     id: "demo",
     flag: "--demo/--no-demo",
@@ -197,17 +253,33 @@ impl Settings {
                 .map_err(|_| invalid(from, &text, "expected IP:PORT, such as 127.0.0.1:8080 or [::1]:8080"))?,
             None => SocketAddr::from(([127, 0, 0, 1], 8080)),
         };
-        let limit_bytes = match resolve(&LIMIT_MB, &cli.limit_mb, &file.memory.global_memory_limit_mb) {
-            Some((from, text)) => Some(
-                text.trim()
-                    .parse::<u64>()
-                    .ok()
-                    .filter(|mb| *mb > 0)
-                    .and_then(|mb| mb.checked_mul(1 << 20))
-                    .ok_or_else(|| invalid(from, &text, "expected a positive whole number of MB"))?,
-            ),
-            None => None,
-        };
+        let limit_bytes = resolve(&LIMIT_MB, &cli.limit_mb, &file.memory.global_memory_limit_mb)
+            .map(|(from, text)| megabytes(from, &text))
+            .transpose()?;
+        let gc_trigger_bytes = resolve(&GC_TRIGGER, &cli.gc_trigger_mb, &file.memory.gc_trigger_threshold_mb)
+            .map(|(from, text)| megabytes(from, &text))
+            .transpose()?;
+        let check_interval = resolve(&CHECK_INTERVAL, &cli.check_interval, &file.memory.check_interval)
+            .map(|(from, text)| duration(from, &text, Duration::from_millis(10)))
+            .transpose()?
+            .unwrap_or(Duration::from_secs(1));
+        let cooldown = resolve(&COOLDOWN, &cli.cooldown, &file.memory.cooldown)
+            .map(|(from, text)| duration(from, &text, Duration::ZERO))
+            .transpose()?
+            .unwrap_or(Duration::from_secs(30));
+        let psi_full_escalation = resolve(
+            &PSI_ESCALATION,
+            &cli.psi_full_escalation,
+            &file.memory.psi_full_escalation,
+        )
+        .map(|(from, text)| {
+            text.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|p| *p > 0.0 && *p <= 100.0)
+                .ok_or_else(|| invalid(from, &text, "expected a percentage in (0, 100], such as 10"))
+        })
+        .transpose()?;
         let fraction = |names: &Names, value: Option<(&'static str, String)>, default: f64| match value {
             Some((from, text)) => text
                 .trim()
@@ -234,6 +306,25 @@ impl Settings {
             ))
         })?;
 
+        let hysteresis = match resolve(&HYSTERESIS, &cli.hysteresis, &file.memory.hysteresis) {
+            Some((from, text)) => text
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|h| *h >= 0.0 && *h < thresholds.warning())
+                .ok_or_else(|| {
+                    invalid(
+                        from,
+                        &text,
+                        &format!(
+                            "expected a fraction of the limit from 0 to below the warning threshold {}",
+                            thresholds.warning()
+                        ),
+                    )
+                })?,
+            None => 0.05_f64.min(thresholds.warning() / 2.0),
+        };
+
         let demo = if cli.no_demo {
             false
         } else if cli.demo {
@@ -256,6 +347,11 @@ impl Settings {
             limit_bytes,
             thresholds,
             demo,
+            gc_trigger_bytes,
+            check_interval,
+            cooldown,
+            hysteresis,
+            psi_full_escalation,
         })
     }
 }
@@ -275,6 +371,30 @@ fn resolve(
         return Some((from, text.to_owned()));
     }
     file_value.map(|text| (names.yaml, text.to_owned()))
+}
+
+/// A positive whole number of MB, in bytes.
+fn megabytes(from: &str, text: &str) -> Result<u64, SettingsError> {
+    text.trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|mb| *mb > 0)
+        .and_then(|mb| mb.checked_mul(1 << 20))
+        .ok_or_else(|| invalid(from, text, "expected a positive whole number of MB"))
+}
+
+/// A duration such as `1s`, `500ms` or `2m`, at least `min`.
+fn duration(from: &str, text: &str, min: Duration) -> Result<Duration, SettingsError> {
+    humantime::parse_duration(text.trim())
+        .ok()
+        .filter(|d| *d >= min)
+        .ok_or_else(|| {
+            invalid(
+                from,
+                text,
+                &format!("expected a duration of at least {min:?}, such as 1s or 500ms"),
+            )
+        })
 }
 
 fn invalid(from: &str, text: &str, expected: &str) -> SettingsError {

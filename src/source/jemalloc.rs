@@ -84,6 +84,32 @@ impl Jemalloc {
     }
 }
 
+/// Returns dirty and muzzy pages of every arena to the OS (`arena.<all>.purge`).
+///
+/// `tikv-jemalloc-ctl` has no typed purge, and writing a value to the name fails
+/// (jemalloc expects none): resolve `arena.0.purge`, point index 1 at all arenas
+/// (`MALLCTL_ARENAS_ALL` = 4096) and call it with no value.
+pub(crate) fn purge_all_arenas() -> bool {
+    const MALLCTL_ARENAS_ALL: usize = 4096;
+    let mut mib = [0usize; 3];
+    if raw::name_to_mib(b"arena.0.purge\0", &mut mib).is_err() {
+        return false;
+    }
+    mib[1] = MALLCTL_ARENAS_ALL;
+    // SAFETY: a valid 3-element MIB; purge takes and returns no value.
+    let rc = unsafe {
+        tikv_jemalloc_sys::mallctlbymib(
+            mib.as_ptr(),
+            mib.len(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    rc == 0
+}
+
 fn is_global_allocator() -> Option<bool> {
     const PROBE: usize = 1 << 20;
     let counter = thread::allocatedp::mib().ok()?.read().ok()?;

@@ -4,8 +4,10 @@
 //! never logs per call. Parsers take a file's text as input so they are tested on
 //! fixtures; the reading around them is a thin shell.
 
+pub(crate) mod cgroup;
 pub(crate) mod limit;
 pub(crate) mod peak;
+pub(crate) mod psi;
 pub(crate) mod statm;
 
 #[cfg(feature = "jemalloc")]
