@@ -25,10 +25,10 @@ fn ballast() -> Vec<Vec<u8>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn episodes_fire_once_each_and_respect_the_cooldown() {
     let _serial = SERIAL.lock().await;
-    // Thresholds 0.5 / 0.99 with the limit at twice (RSS + half the ballast): without
-    // the ballast the process is well below 0.45, with it well above 0.5.
-    let base = process::vm_rss() as usize;
-    let limit = 2 * (base + BALLAST / 2) as u64;
+    // Thresholds 0.5 / 0.99 with the limit set so that RSS with the ballast is at
+    // about 0.7 (warning) and without it far below 0.45 (normal).
+    let base = process::vm_rss() as f64;
+    let limit = ((base + BALLAST as f64) / 0.7) as u64;
     let monitor = MemoryMonitor::builder()
         .limit_bytes(limit)
         .thresholds(Thresholds::new(0.5, 0.99).unwrap())
