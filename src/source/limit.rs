@@ -117,7 +117,7 @@ mod tests {
             "the group's own PSI first"
         );
         assert_eq!(r.signals.psi.unwrap().some.avg10, 2.0);
-        assert_eq!(r.signals.cgroup.unwrap().version, 2);
+        assert_eq!(r.signals.cgroup.as_ref().unwrap().version, 2);
     }
 
     #[test]
