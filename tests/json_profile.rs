@@ -215,3 +215,36 @@ fn other_methods_are_refused_with_allow() {
     let missing = client.get(server.url("/api/v1/memory/nope")).send().unwrap();
     assert_eq!(missing.status(), 404);
 }
+
+/// The kernel section against the kernel's own files, read in the test.
+#[test]
+fn kernel_section_matches_the_kernel_files() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let server = http::TestServer::start(memtel::router(MemoryMonitor::new()));
+    let before = std::fs::read_to_string("/proc/pressure/memory").ok();
+    let doc = server.get_json(&client(), PROFILE_PATH);
+    let after = std::fs::read_to_string("/proc/pressure/memory").ok();
+    let kernel = &doc["kernel"];
+    assert!(kernel.is_object(), "{doc}");
+    let total = |text: &str, kind: &str| -> f64 {
+        let line = text.lines().find(|l| l.starts_with(kind)).unwrap();
+        let us: f64 = line.split("total=").nth(1).unwrap().trim().parse().unwrap();
+        us / 1e6
+    };
+    match (before, after) {
+        (Some(before), Some(after)) if kernel["psi"]["source"] == "system" => {
+            for kind in ["some", "full"] {
+                let reported = num(kernel, &format!("/psi/{kind}/total_secs"));
+                assert!(
+                    total(&before, kind) <= reported + 1e-6 && reported <= total(&after, kind) + 1e-6,
+                    "{kind} total {reported} between the file's before and after"
+                );
+            }
+        }
+        (Some(_), Some(_)) => assert_eq!(kernel["psi"]["source"], "cgroup", "{doc}"),
+        _ => assert!(kernel.get("psi").is_none(), "no PSI file, no psi field: {doc}"),
+    }
+    if std::fs::read_to_string("/proc/self/cgroup").is_ok_and(|c| c.contains(":memory:")) {
+        assert_eq!(kernel["cgroup"]["version"], 1, "{doc}");
+    }
+}

@@ -47,16 +47,26 @@ struct Cli {
     #[arg(long, env = "MEMTEL_LISTEN", value_name = "IP:PORT")]
     listen: Option<String>,
     /// Memory limit in MB (MiB) [default: the cgroup's limit, else physical RAM].
-    #[arg(long, env = "MEMTEL_LIMIT_MB", value_name = "MB")]
+    #[arg(long, env = "MEMTEL_LIMIT_MB", value_name = "MB", allow_negative_numbers = true)]
     limit_mb: Option<String>,
     /// Warning threshold, fraction of the limit [default: 0.80].
-    #[arg(long, env = "MEMTEL_WARNING_THRESHOLD", value_name = "FRACTION")]
+    #[arg(
+        long,
+        env = "MEMTEL_WARNING_THRESHOLD",
+        value_name = "FRACTION",
+        allow_negative_numbers = true
+    )]
     warning_threshold: Option<String>,
     /// Critical threshold, fraction of the limit [default: 0.90].
-    #[arg(long, env = "MEMTEL_CRITICAL_THRESHOLD", value_name = "FRACTION")]
+    #[arg(
+        long,
+        env = "MEMTEL_CRITICAL_THRESHOLD",
+        value_name = "FRACTION",
+        allow_negative_numbers = true
+    )]
     critical_threshold: Option<String>,
     /// Purge the allocator while RSS exceeds this many MB [default: never].
-    #[arg(long, env = "MEMTEL_GC_TRIGGER_MB", value_name = "MB")]
+    #[arg(long, env = "MEMTEL_GC_TRIGGER_MB", value_name = "MB", allow_negative_numbers = true)]
     gc_trigger_mb: Option<String>,
     /// How often the memory manager samples, e.g. 1s, 500ms [default: 1s].
     #[arg(long, env = "MEMTEL_CHECK_INTERVAL", value_name = "DURATION")]
@@ -65,10 +75,20 @@ struct Cli {
     #[arg(long, env = "MEMTEL_COOLDOWN", value_name = "DURATION")]
     cooldown: Option<String>,
     /// A level is left only this far (fraction of the limit) below its threshold [default: 0.05].
-    #[arg(long, env = "MEMTEL_HYSTERESIS", value_name = "FRACTION")]
+    #[arg(
+        long,
+        env = "MEMTEL_HYSTERESIS",
+        value_name = "FRACTION",
+        allow_negative_numbers = true
+    )]
     hysteresis: Option<String>,
     /// Raise pressure to at least warning while PSI full avg10 exceeds this percent [default: off].
-    #[arg(long, env = "MEMTEL_PSI_FULL_ESCALATION", value_name = "PERCENT")]
+    #[arg(
+        long,
+        env = "MEMTEL_PSI_FULL_ESCALATION",
+        value_name = "PERCENT",
+        allow_negative_numbers = true
+    )]
     psi_full_escalation: Option<String>,
     /// Run the demo workload [default; env MEMTEL_DEMO=true|false].
     #[arg(long, overrides_with = "no_demo")]
