@@ -237,10 +237,12 @@ impl MemoryMonitor {
         }
     }
 
+    #[cfg(feature = "manager")]
     pub(crate) fn inner_actions(&self) -> &ActionStats {
         &self.inner.actions
     }
 
+    #[cfg(feature = "manager")]
     /// Live heap bytes right now: a fresh jemalloc reading, or the tracked total.
     pub(crate) fn heap_bytes_now(&self) -> Option<u64> {
         #[cfg(feature = "jemalloc")]
@@ -250,6 +252,7 @@ impl MemoryMonitor {
         crate::alloc::tracking_installed().then(crate::alloc::counters::live_total)
     }
 
+    #[cfg(feature = "manager")]
     /// Purges every jemalloc arena; jemalloc's resident bytes (before, after).
     pub(crate) fn purge(&self) -> Option<(u64, u64)> {
         #[cfg(feature = "jemalloc")]
@@ -369,6 +372,7 @@ struct ActionCounter {
 }
 
 impl ActionCounter {
+    #[cfg(feature = "manager")]
     fn record(&self, freed: u64) {
         use std::sync::atomic::Ordering::Relaxed;
         self.runs.fetch_add(1, Relaxed);
@@ -388,10 +392,12 @@ impl ActionCounter {
 }
 
 impl ActionStats {
+    #[cfg(feature = "manager")]
     pub(crate) fn record_cleanup(&self, freed: u64) {
         self.cleanup.record(freed);
     }
 
+    #[cfg(feature = "manager")]
     pub(crate) fn record_gc(&self, freed: u64) {
         self.gc.record(freed);
     }

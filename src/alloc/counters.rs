@@ -194,6 +194,7 @@ pub(crate) fn totals(slot: usize) -> (u64, u64) {
     (allocated, freed)
 }
 
+#[cfg(feature = "manager")]
 /// Live tracked bytes over every slot.
 pub(crate) fn live_total() -> u64 {
     (0..SLOTS)

@@ -84,6 +84,7 @@ impl Jemalloc {
     }
 }
 
+#[cfg(feature = "manager")]
 /// Returns dirty and muzzy pages of every arena to the OS (`arena.<all>.purge`).
 ///
 /// `tikv-jemalloc-ctl` has no typed purge, and writing a value to the name fails
