@@ -91,10 +91,13 @@ fn over_aligned_and_zeroed_layouts() {
         for align in [64usize, 4096, 1 << 16] {
             let layout = Layout::from_size_align(100, align).unwrap();
             let p = std::alloc::alloc(layout);
-            assert!(!p.is_null() && p as usize % align == 0);
+            assert!(!p.is_null() && (p as usize).is_multiple_of(align));
             assert_eq!(c.live_bytes(), 100);
             let p = std::alloc::realloc(p, layout, 5000);
-            assert!(!p.is_null() && p as usize % align == 0, "realloc keeps the alignment");
+            assert!(
+                !p.is_null() && (p as usize).is_multiple_of(align),
+                "realloc keeps the alignment"
+            );
             assert_eq!(c.live_bytes(), 5000);
             std::alloc::dealloc(p, Layout::from_size_align(5000, align).unwrap());
             assert_eq!(c.live_bytes(), 0);

@@ -32,7 +32,7 @@ async fn a_panicking_or_hanging_hook_stops_neither_the_manager_nor_other_hooks()
     let mut manager = MemoryManager::new(monitor.clone())
         .hook_timeout(Duration::from_millis(300))
         .on_pressure(Pressure::Warning, "panics", || async { panic!("hook failure") })
-        .on_pressure(Pressure::Warning, "hangs", || std::future::pending::<()>())
+        .on_pressure(Pressure::Warning, "hangs", std::future::pending::<()>)
         .on_pressure(Pressure::Warning, "works", move || {
             let counted = Arc::clone(&counted);
             async move {
@@ -64,7 +64,7 @@ async fn the_running_manager_survives_bad_hooks_and_keeps_sampling() {
         // A purge whenever RSS is above 1 byte: its count shows the loop goes on.
         .gc_trigger_bytes(1)
         .on_pressure(Pressure::Warning, "panics", || async { panic!("hook failure") })
-        .on_pressure(Pressure::Warning, "hangs", || std::future::pending::<()>())
+        .on_pressure(Pressure::Warning, "hangs", std::future::pending::<()>)
         .spawn();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
