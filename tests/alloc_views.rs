@@ -9,14 +9,10 @@ mod otlp;
 #[path = "support/truth.rs"]
 mod truth;
 
-use std::time::Duration;
-
 use memtel::alloc::TrackingAllocator;
 use memtel::{component, MemoryMonitor, PROFILE_PATH};
-use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_otlp::{MetricExporter, SpanExporter, WithExportConfig};
-use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
+use opentelemetry_otlp::{SpanExporter, WithExportConfig};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::layer::SubscriberExt;
 use truth::{record, Truth};
@@ -62,26 +58,7 @@ async fn tracked_bytes_in_json_and_otlp_within_one_percent() {
     assert!(doc["by_component"]["other"].is_u64());
 
     let receiver = otlp::OtlpReceiver::start_grpc().await;
-    let endpoint = receiver.endpoint();
-    tokio::task::spawn_blocking(move || {
-        let exporter = MetricExporter::builder()
-            .with_tonic()
-            .with_endpoint(endpoint)
-            .build()
-            .unwrap();
-        let provider = SdkMeterProvider::builder()
-            .with_reader(
-                PeriodicReader::builder(exporter)
-                    .with_interval(Duration::from_secs(3600))
-                    .build(),
-            )
-            .build();
-        memtel::register(&monitor, &provider.meter_with_scope(memtel::scope()));
-        provider.force_flush().unwrap();
-        provider.shutdown().unwrap();
-    })
-    .await
-    .unwrap();
+    receiver.export_monitor(monitor).await;
     let points = otlp::points(&receiver.metric_requests()[..1]);
     let find = |metric: &str, name: &str| {
         otlp::points_named(&points, metric)

@@ -9,12 +9,8 @@ mod otlp;
 mod process;
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use memtel::{MemoryMonitor, PROFILE_PATH};
-use opentelemetry::metrics::MeterProvider as _;
-use opentelemetry_otlp::{MetricExporter, WithExportConfig};
-use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use process::{rel_diff, MIB};
 
 #[global_allocator]
@@ -82,26 +78,7 @@ async fn known_bytes_show_in_json_and_otlp() {
 
     // OTLP/gRPC into a real receiver.
     let receiver = otlp::OtlpReceiver::start_grpc().await;
-    let endpoint = receiver.endpoint();
-    tokio::task::spawn_blocking(move || {
-        let exporter = MetricExporter::builder()
-            .with_tonic()
-            .with_endpoint(endpoint)
-            .build()
-            .unwrap();
-        let provider = SdkMeterProvider::builder()
-            .with_reader(
-                PeriodicReader::builder(exporter)
-                    .with_interval(Duration::from_secs(3600))
-                    .build(),
-            )
-            .build();
-        memtel::register(&monitor, &provider.meter_with_scope(memtel::scope()));
-        provider.force_flush().unwrap();
-        provider.shutdown().unwrap();
-    })
-    .await
-    .unwrap();
+    receiver.export_monitor(monitor).await;
     let points = otlp::points(&receiver.metric_requests()[..1]);
     let usage = |name: &str| {
         otlp::points_named(&points, "memtel.component.usage")

@@ -107,16 +107,7 @@ fn figures_agree_with_the_kernel_and_jemalloc() {
     let (allocated_after, _) = process::jemalloc_allocated_resident();
 
     let current = num(&doc, "/current_usage_mb") * MIB;
-    // RSS moves while the request runs (allocator purges, new threads): the figure
-    // must lie within 10 % of the range the kernel showed around it.
-    let (low, high) = (
-        rss_before.min(rss_after) as f64 * 0.9,
-        rss_before.max(rss_after) as f64 * 1.1,
-    );
-    assert!(
-        low <= current && current <= high,
-        "current {current} vs VmRSS {rss_before}..{rss_after}"
-    );
+    process::assert_within_rss(current, rss_before, rss_after);
     assert!(num(&doc, "/peak_usage_mb") >= num(&doc, "/current_usage_mb"), "{doc}");
     let vm_hwm = process::status_kb("VmHWM") as f64;
     assert!(

@@ -8,14 +8,9 @@ mod otlp;
 mod process;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
 
 use memtel::{Instrument, MemoryMonitor, METRICS};
-use opentelemetry::metrics::MeterProvider as _;
-use opentelemetry_otlp::{MetricExporter, Protocol, WithExportConfig};
-use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
-use opentelemetry_sdk::Resource;
-use otlp::{Kind, OtlpReceiver, Point, Transport};
+use otlp::{Kind, OtlpReceiver, Point};
 use process::rel_diff;
 
 #[global_allocator]
@@ -127,35 +122,6 @@ const KNOWN: usize = 5 << 20;
 /// Tests here compare process-wide figures: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Registers memtel on a provider exporting to `receiver`, flushes once, shuts down.
-async fn export(receiver: &OtlpReceiver, monitor: MemoryMonitor) {
-    let (transport, endpoint) = (receiver.transport(), receiver.metrics_endpoint());
-    tokio::task::spawn_blocking(move || {
-        let exporter = match transport {
-            Transport::Grpc => MetricExporter::builder().with_tonic().with_endpoint(endpoint).build(),
-            Transport::Http => MetricExporter::builder()
-                .with_http()
-                .with_protocol(Protocol::HttpBinary)
-                .with_endpoint(endpoint)
-                .build(),
-        }
-        .expect("exporter");
-        let provider = SdkMeterProvider::builder()
-            .with_reader(
-                PeriodicReader::builder(exporter)
-                    .with_interval(Duration::from_secs(3600))
-                    .build(),
-            )
-            .with_resource(Resource::builder().with_service_name("memtel-test").build())
-            .build();
-        memtel::register(&monitor, &provider.meter_with_scope(memtel::scope()));
-        provider.force_flush().expect("flush");
-        provider.shutdown().expect("shutdown");
-    })
-    .await
-    .unwrap();
-}
-
 fn first_export(receiver: &OtlpReceiver) -> Vec<Point> {
     let requests = receiver.metric_requests();
     assert!(!requests.is_empty(), "the receiver decoded no export");
@@ -188,7 +154,7 @@ async fn check_contract(receiver: OtlpReceiver) {
     let held = known.clone();
     monitor.component("known", move || held.capacity() as u64).unwrap();
     let rss_before = process::vm_rss();
-    export(&receiver, monitor).await;
+    receiver.export_monitor(monitor).await;
     let rss_after = process::vm_rss();
     let points = first_export(&receiver);
 
@@ -242,16 +208,7 @@ async fn check_contract(receiver: OtlpReceiver) {
 
     // Values against independent truths.
     let usage = single(&points, "process.memory.usage");
-    // RSS moves while the request runs (allocator purges, new threads): the figure
-    // must lie within 10 % of the range the kernel showed around it.
-    let (low, high) = (
-        rss_before.min(rss_after) as f64 * 0.9,
-        rss_before.max(rss_after) as f64 * 1.1,
-    );
-    assert!(
-        low <= usage && usage <= high,
-        "usage {usage} vs VmRSS {rss_before}..{rss_after}"
-    );
+    process::assert_within_rss(usage, rss_before, rss_after);
     let limits = by_attribute(&points, "memtel.memory.limit", "memtel.limit.source");
     assert_eq!(limits, BTreeMap::from([("configured".to_owned(), LIMIT as f64)]));
     let utilization = single(&points, "process.memory.utilization");
@@ -312,7 +269,9 @@ async fn pressure_state_set_follows_the_level() {
     let _serial = SERIAL.lock().await;
     let receiver = OtlpReceiver::start_grpc().await;
     let tiny_limit = process::vm_rss() / 2;
-    export(&receiver, MemoryMonitor::builder().limit_bytes(tiny_limit).build()).await;
+    receiver
+        .export_monitor(MemoryMonitor::builder().limit_bytes(tiny_limit).build())
+        .await;
     let points = first_export(&receiver);
     let levels = by_attribute(&points, "memtel.memory.pressure", "memtel.pressure.level");
     assert_eq!(levels["critical"], 1.0, "{levels:?}");

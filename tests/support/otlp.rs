@@ -123,6 +123,47 @@ impl OtlpReceiver {
         }
     }
 
+    /// Registers memtel's instruments for `monitor` on an SDK provider exporting to
+    /// this receiver (service.name `memtel-test`), flushes once and shuts down. The SDK
+    /// calls block, so they run on a blocking thread of the caller's runtime.
+    #[cfg(feature = "service")]
+    pub async fn export_monitor(&self, monitor: memtel::MemoryMonitor) {
+        use opentelemetry::metrics::MeterProvider as _;
+        use opentelemetry_otlp::{MetricExporter, Protocol, WithExportConfig};
+        use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
+
+        let (transport, endpoint) = (self.transport, self.metrics_endpoint());
+        tokio::task::spawn_blocking(move || {
+            let exporter = match transport {
+                Transport::Grpc => MetricExporter::builder().with_tonic().with_endpoint(endpoint).build(),
+                Transport::Http => MetricExporter::builder()
+                    .with_http()
+                    .with_protocol(Protocol::HttpBinary)
+                    .with_endpoint(endpoint)
+                    .build(),
+            }
+            .expect("exporter");
+            let provider = SdkMeterProvider::builder()
+                // Only the flush exports.
+                .with_reader(
+                    PeriodicReader::builder(exporter)
+                        .with_interval(Duration::from_secs(3600))
+                        .build(),
+                )
+                .with_resource(
+                    opentelemetry_sdk::Resource::builder()
+                        .with_service_name("memtel-test")
+                        .build(),
+                )
+                .build();
+            memtel::register(&monitor, &provider.meter_with_scope(memtel::scope()));
+            provider.force_flush().expect("flush");
+            provider.shutdown().expect("shutdown");
+        })
+        .await
+        .expect("export thread");
+    }
+
     pub fn transport(&self) -> Transport {
         self.transport
     }

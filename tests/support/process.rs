@@ -33,3 +33,14 @@ pub const MIB: f64 = 1_048_576.0;
 pub fn rel_diff(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs()
 }
+
+/// Asserts `value` (bytes) lies within 10 % of the range of VmRSS read before and
+/// after it was taken: RSS moves while a request runs (allocator purges, new threads).
+pub fn assert_within_rss(value: f64, rss_before: u64, rss_after: u64) {
+    let low = rss_before.min(rss_after) as f64 * 0.9;
+    let high = rss_before.max(rss_after) as f64 * 1.1;
+    assert!(
+        low <= value && value <= high,
+        "{value} vs VmRSS {rss_before}..{rss_after}"
+    );
+}
