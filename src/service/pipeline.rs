@@ -244,6 +244,18 @@ impl Pipeline {
     }
 }
 
+/// A fresh identifier for this process: the kernel's random UUID, else host and pid.
+fn instance_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/uuid")
+        .map(|u| u.trim().to_owned())
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            format!("{}-{}", host.trim(), std::process::id())
+        })
+}
+
 /// A periodic reader; without an interval the SDK reads `OTEL_METRIC_EXPORT_INTERVAL` (default 60 s).
 fn periodic<E: PushMetricExporter>(exporter: E, interval: Option<Duration>) -> PeriodicReader<E> {
     let builder = PeriodicReader::builder(exporter);
@@ -254,19 +266,26 @@ fn periodic<E: PushMetricExporter>(exporter: E, interval: Option<Duration>) -> P
 }
 
 /// The SDK's resource (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`) with memtel's
-/// defaults: `service.name` = memtel unless set, `service.version`, `process.pid`.
+/// defaults: `service.name` = memtel unless set, `service.version`,
+/// `service.instance.id` (a UUID per start) unless set, `process.pid`.
 fn resource() -> Resource {
     let detected = Resource::builder().build();
     let has = |key: &'static str| detected.get(&opentelemetry::Key::from_static_str(key)).is_some();
+    // The SDK's fallback is `unknown_service:<executable>`: not a name anyone chose.
     let named = detected
         .get(&opentelemetry::Key::from_static_str("service.name"))
-        .is_some_and(|v| v.as_str() != "unknown_service");
+        .is_some_and(|v| !v.as_str().starts_with("unknown_service"));
     let mut builder = Resource::builder();
     if !named {
         builder = builder.with_service_name("memtel");
     }
     if !has("service.version") {
         builder = builder.with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")));
+    }
+    // The collector maps service.instance.id to Prometheus' `instance` label and only
+    // then emits `target_info` with the other resource attributes.
+    if !has("service.instance.id") {
+        builder = builder.with_attribute(KeyValue::new("service.instance.id", instance_id()));
     }
     builder
         .with_attribute(KeyValue::new("process.pid", i64::from(std::process::id())))
