@@ -45,16 +45,23 @@ impl<A> TrackingAllocator<A> {
 }
 
 /// The layout asked of the inner allocator: one byte more for the tag.
-#[inline]
+#[inline(always)]
 fn tagged(layout: Layout) -> Option<Layout> {
-    Layout::from_size_align(layout.size().checked_add(1)?, layout.align()).ok()
+    let size = layout.size() + 1;
+    // Layout's invariant: the size rounded up to the alignment fits in isize. The
+    // alignment is already valid, so that is the only check needed.
+    if size > isize::MAX as usize - (layout.align() - 1) {
+        return None;
+    }
+    // SAFETY: the alignment comes from a valid Layout and the size was checked above.
+    Some(unsafe { Layout::from_size_align_unchecked(size, layout.align()) })
 }
 
 // SAFETY: every method forwards to the inner allocator with the tagged layout, which
 // is the layout that allocation was made with; the tag byte lies inside that
 // allocation, just past the caller's `layout.size()` bytes.
 unsafe impl<A: GlobalAlloc> GlobalAlloc for TrackingAllocator<A> {
-    #[inline]
+    #[inline(always)]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let Some(tagged) = tagged(layout) else {
             return std::ptr::null_mut();
@@ -66,7 +73,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for TrackingAllocator<A> {
         ptr
     }
 
-    #[inline]
+    #[inline(always)]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         let Some(tagged) = tagged(layout) else {
             return std::ptr::null_mut();
@@ -78,7 +85,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for TrackingAllocator<A> {
         ptr
     }
 
-    #[inline]
+    #[inline(always)]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         let slot = ptr.add(layout.size()).read();
         counters::on_free(slot, layout.size());
@@ -89,14 +96,14 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for TrackingAllocator<A> {
         );
     }
 
-    #[inline]
+    #[inline(always)]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let Some(new_tagged) = new_size.checked_add(1) else {
+        let Some(new_tagged) = tagged(Layout::from_size_align_unchecked(new_size, layout.align())) else {
             return std::ptr::null_mut();
         };
         let slot = ptr.add(layout.size()).read();
         let old = Layout::from_size_align_unchecked(layout.size() + 1, layout.align());
-        let new_ptr = self.inner.realloc(ptr, old, new_tagged);
+        let new_ptr = self.inner.realloc(ptr, old, new_tagged.size());
         if !new_ptr.is_null() {
             new_ptr.add(new_size).write(slot);
             counters::on_realloc(slot, layout.size(), new_size);

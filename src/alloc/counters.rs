@@ -14,21 +14,22 @@ use crate::monitor::MAX_COMPONENTS;
 
 /// Counter slots: slot 0 is "no component", slots 1..=MAX_COMPONENTS the interned components.
 pub(crate) const SLOTS: usize = MAX_COMPONENTS + 1;
+/// Counter arrays are indexed by the tag byte itself, so the hot path needs no bounds
+/// check; only the first `SLOTS` entries are ever used.
+const TAGS: usize = 256;
 const OWNED_SHARDS: usize = 64;
-const UNCLAIMED: u8 = u8::MAX;
-const SHARED: u8 = u8::MAX - 1;
 
 #[repr(align(128))]
 struct Shard {
-    allocated: [AtomicU64; SLOTS],
-    freed: [AtomicU64; SLOTS],
+    allocated: [AtomicU64; TAGS],
+    freed: [AtomicU64; TAGS],
 }
 
 impl Shard {
     const fn new() -> Self {
         Self {
-            allocated: [const { AtomicU64::new(0) }; SLOTS],
-            freed: [const { AtomicU64::new(0) }; SLOTS],
+            allocated: [const { AtomicU64::new(0) }; TAGS],
+            freed: [const { AtomicU64::new(0) }; TAGS],
         }
     }
 }
@@ -42,7 +43,12 @@ static INSTALLED: AtomicBool = AtomicBool::new(false);
 pub(crate) struct ThreadState {
     /// The component allocations are attributed to (a slot).
     pub(crate) current: Cell<u8>,
-    shard: Cell<u8>,
+    /// The thread's shard; null until claimed.
+    shard: Cell<*const Shard>,
+    /// Whether this thread owns `shard` (plain stores) or shares it (atomic adds).
+    owned: Cell<bool>,
+    /// The owned shard's index, to release it at exit.
+    index: Cell<usize>,
     /// This thread's cumulative totals, for span accounting.
     pub(crate) alloc_bytes: Cell<u64>,
     pub(crate) alloc_count: Cell<u64>,
@@ -55,7 +61,9 @@ thread_local! {
     pub(crate) static STATE: ThreadState = const {
         ThreadState {
             current: Cell::new(0),
-            shard: Cell::new(UNCLAIMED),
+            shard: Cell::new(std::ptr::null()),
+            owned: Cell::new(false),
+            index: Cell::new(usize::MAX),
             alloc_bytes: Cell::new(0),
             alloc_count: Cell::new(0),
             free_bytes: Cell::new(0),
@@ -70,33 +78,26 @@ struct Release;
 impl Drop for Release {
     fn drop(&mut self) {
         let _ = STATE.try_with(|s| {
-            let index = s.shard.replace(SHARED);
-            if usize::from(index) < OWNED_SHARDS {
-                CLAIMED[usize::from(index)].store(false, std::sync::atomic::Ordering::Release);
+            // Later allocations of this exiting thread go to the shared shard.
+            s.shard.set(&SHARED_SHARD);
+            s.owned.set(false);
+            let index = s.index.replace(usize::MAX);
+            if index < OWNED_SHARDS {
+                CLAIMED[index].store(false, std::sync::atomic::Ordering::Release);
             }
         });
     }
 }
 
-/// The thread's shard, claiming one on first use.
-#[inline]
-fn shard_of(state: &ThreadState) -> (&'static Shard, bool) {
-    let index = state.shard.get();
-    if usize::from(index) < OWNED_SHARDS {
-        return (&OWNED[usize::from(index)], true);
-    }
-    if index == UNCLAIMED {
-        return claim(state);
-    }
-    (&SHARED_SHARD, false)
-}
-
+/// Gives the thread a shard of its own if one is free, else the shared one.
 #[cold]
-fn claim(state: &ThreadState) -> (&'static Shard, bool) {
+#[inline(never)]
+fn claim(state: &ThreadState) {
     INSTALLED.store(true, Relaxed);
     // Anything allocated while claiming (registering the release destructor may
     // allocate on some platforms) goes to the shared shard.
-    state.shard.set(SHARED);
+    state.shard.set(&SHARED_SHARD);
+    state.owned.set(false);
     for (index, claimed) in CLAIMED.iter().enumerate() {
         if claimed
             .compare_exchange(false, true, std::sync::atomic::Ordering::Acquire, Relaxed)
@@ -105,16 +106,27 @@ fn claim(state: &ThreadState) -> (&'static Shard, bool) {
             if RELEASE.try_with(|_| ()).is_err() {
                 // Thread already tearing down: no destructor would release it.
                 claimed.store(false, std::sync::atomic::Ordering::Release);
-                return (&SHARED_SHARD, false);
+                return;
             }
-            state.shard.set(index as u8);
-            return (&OWNED[index], true);
+            state.index.set(index);
+            state.shard.set(&OWNED[index]);
+            state.owned.set(true);
+            return;
         }
     }
-    (&SHARED_SHARD, false)
 }
 
-#[inline]
+/// The thread's shard and whether it owns it, claiming one on first use.
+#[inline(always)]
+fn shard_of(state: &ThreadState) -> (&'static Shard, bool) {
+    if state.shard.get().is_null() {
+        claim(state);
+    }
+    // SAFETY: non-null shard pointers only ever point at the statics above.
+    (unsafe { &*state.shard.get() }, state.owned.get())
+}
+
+#[inline(always)]
 fn add(counter: &AtomicU64, value: u64, owned: bool) {
     if owned {
         counter.store(counter.load(Relaxed).wrapping_add(value), Relaxed);
@@ -125,7 +137,7 @@ fn add(counter: &AtomicU64, value: u64, owned: bool) {
 
 /// Records an allocation of `size` bytes attributed to the current component and
 /// returns that component's slot (the tag to store with the allocation).
-#[inline]
+#[inline(always)]
 pub(crate) fn on_alloc(size: usize) -> u8 {
     STATE
         .try_with(|s| {
@@ -136,30 +148,26 @@ pub(crate) fn on_alloc(size: usize) -> u8 {
             s.alloc_count.set(s.alloc_count.get().wrapping_add(1));
             slot
         })
-        .unwrap_or_else(|_| {
-            SHARED_SHARD.allocated[0].fetch_add(size as u64, Relaxed);
-            0
-        })
+        .unwrap_or_else(|_| torn_down(&SHARED_SHARD.allocated[0], size))
 }
 
 /// Records that `size` bytes allocated by `slot` were freed (by any thread).
-#[inline]
+#[inline(always)]
 pub(crate) fn on_free(slot: u8, size: usize) {
-    let slot = usize::from(slot).min(SLOTS - 1);
     let recorded = STATE.try_with(|s| {
         let (shard, owned) = shard_of(s);
-        add(&shard.freed[slot], size as u64, owned);
+        add(&shard.freed[usize::from(slot)], size as u64, owned);
         s.free_bytes.set(s.free_bytes.get().wrapping_add(size as u64));
     });
     if recorded.is_err() {
-        SHARED_SHARD.freed[slot].fetch_add(size as u64, Relaxed);
+        torn_down(&SHARED_SHARD.freed[usize::from(slot)], size);
     }
 }
 
 /// Records a reallocation from `old` to `new` bytes of an allocation owned by `slot`.
-#[inline]
+#[inline(always)]
 pub(crate) fn on_realloc(slot: u8, old: usize, new: usize) {
-    let slot = usize::from(slot).min(SLOTS - 1);
+    let slot = usize::from(slot);
     let recorded = STATE.try_with(|s| {
         let (shard, owned) = shard_of(s);
         add(&shard.allocated[slot], new as u64, owned);
@@ -169,9 +177,17 @@ pub(crate) fn on_realloc(slot: u8, old: usize, new: usize) {
         s.free_bytes.set(s.free_bytes.get().wrapping_add(old as u64));
     });
     if recorded.is_err() {
-        SHARED_SHARD.allocated[slot].fetch_add(new as u64, Relaxed);
-        SHARED_SHARD.freed[slot].fetch_add(old as u64, Relaxed);
+        torn_down(&SHARED_SHARD.allocated[slot], new);
+        torn_down(&SHARED_SHARD.freed[slot], old);
     }
+}
+
+/// After the thread-local state is gone: count in the shared shard, as `other`.
+#[cold]
+#[inline(never)]
+fn torn_down(counter: &AtomicU64, size: usize) -> u8 {
+    counter.fetch_add(size as u64, Relaxed);
+    0
 }
 
 /// Whether a [`TrackingAllocator`](super::TrackingAllocator) has served any allocation.

@@ -1,8 +1,9 @@
 //! A `tracing` layer: spans with a `component` field are component scopes, and every
 //! span records the heap bytes allocated while it was entered.
 
-use std::cell::RefCell;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
+use std::sync::Mutex;
 
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -64,8 +65,11 @@ impl ComponentLayer {
     }
 }
 
-/// Per-span state, kept in the span's extensions.
-struct SpanAlloc {
+/// Per-span counters. Records are owned by memtel and never freed: a closed span's
+/// record goes back to a pool, and its serial number changes on every reuse, so a
+/// cached pointer is always safe to read and a stale one is recognised.
+struct SpanRecord {
+    serial: AtomicU64,
     /// The component slot + 1, or 0 when the span names none.
     component: AtomicU8,
     bytes: AtomicU64,
@@ -73,11 +77,42 @@ struct SpanAlloc {
     freed: AtomicU64,
 }
 
+static POOL: Mutex<Vec<&'static SpanRecord>> = Mutex::new(Vec::new());
+static SERIALS: AtomicU64 = AtomicU64::new(1);
+
+/// A record for a new span, from the pool or newly leaked (the pool only grows to the
+/// number of spans open at once).
+fn take_record(component: Option<u8>) -> (&'static SpanRecord, u64) {
+    let serial = SERIALS.fetch_add(1, Relaxed);
+    let pooled = POOL.lock().unwrap_or_else(|p| p.into_inner()).pop();
+    let record = pooled.unwrap_or_else(|| {
+        Box::leak(Box::new(SpanRecord {
+            serial: AtomicU64::new(0),
+            component: AtomicU8::new(0),
+            bytes: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+            freed: AtomicU64::new(0),
+        }))
+    });
+    record.component.store(component.map_or(0, |slot| slot + 1), Relaxed);
+    record.bytes.store(0, Relaxed);
+    record.count.store(0, Relaxed);
+    record.freed.store(0, Relaxed);
+    record.serial.store(serial, Release);
+    (record, serial)
+}
+
+/// What the span's extensions hold: its record and the serial it was issued with.
+struct SpanHandle {
+    record: &'static SpanRecord,
+    serial: u64,
+}
+
 /// One entered span on this thread.
 #[derive(Clone, Copy)]
 struct Entered {
     id: u64,
-    state: *const SpanAlloc,
+    record: *const SpanRecord,
     previous: Option<u8>,
     start: Totals,
 }
@@ -90,10 +125,32 @@ struct Totals {
 }
 
 const DEPTH: usize = 32;
+const CACHE: usize = 64;
+
+/// A direct-mapped cache entry: span id, record, serial.
+type Cached = Cell<(u64, *const SpanRecord, u64)>;
 
 thread_local! {
     // Entered spans, innermost last. Fixed capacity: entering never allocates.
     static STACK: RefCell<([Option<Entered>; DEPTH], usize)> = const { RefCell::new(([None; DEPTH], 0)) };
+    // Span id → record, so entering a span rarely needs the registry's lookup.
+    static RECORDS: [Cached; CACHE] = const { [const { Cell::new((0, std::ptr::null(), 0)) }; CACHE] };
+}
+
+fn cache_put(id: u64, record: &'static SpanRecord, serial: u64) {
+    let _ = RECORDS.try_with(|c| c[(id as usize) % CACHE].set((id, record, serial)));
+}
+
+/// The record of span `id` from this thread's cache, if it is still that span's.
+#[inline]
+fn cache_get(id: u64) -> Option<&'static SpanRecord> {
+    let (key, record, serial) = RECORDS.try_with(|c| c[(id as usize) % CACHE].get()).ok()?;
+    if key != id || record.is_null() {
+        return None;
+    }
+    // SAFETY: records are leaked, never freed.
+    let record: &'static SpanRecord = unsafe { &*record };
+    (record.serial.load(Acquire) == serial).then_some(record)
 }
 
 /// This thread's cumulative allocation totals, from the cheapest available source.
@@ -175,12 +232,10 @@ where
             found: None,
         };
         attrs.record(&mut visitor);
-        span.extensions_mut().insert(SpanAlloc {
-            component: AtomicU8::new(visitor.found.map_or(0, |slot| slot + 1)),
-            bytes: AtomicU64::new(0),
-            count: AtomicU64::new(0),
-            freed: AtomicU64::new(0),
-        });
+        let (record, serial) = take_record(visitor.found);
+        span.extensions_mut().insert(SpanHandle { record, serial });
+        // Spans are usually entered on the thread that made them.
+        cache_put(id.into_u64(), record, serial);
     }
 
     fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
@@ -190,17 +245,24 @@ where
         };
         values.record(&mut visitor);
         if let (Some(slot), Some(span)) = (visitor.found, ctx.span(id)) {
-            if let Some(state) = span.extensions().get::<SpanAlloc>() {
-                state.component.store(slot + 1, Relaxed);
+            if let Some(handle) = span.extensions().get::<SpanHandle>() {
+                handle.record.component.store(slot + 1, Relaxed);
             }
         }
     }
 
     fn on_enter(&self, id: &Id, ctx: Context<'_, S>) {
-        let Some(span) = ctx.span(id) else { return };
-        let extensions = span.extensions();
-        let Some(state) = extensions.get::<SpanAlloc>() else {
-            return;
+        let record = match cache_get(id.into_u64()) {
+            Some(record) => record,
+            None => {
+                let Some(span) = ctx.span(id) else { return };
+                let extensions = span.extensions();
+                let Some(handle) = extensions.get::<SpanHandle>() else {
+                    return;
+                };
+                cache_put(id.into_u64(), handle.record, handle.serial);
+                handle.record
+            }
         };
         let _ = STACK.try_with(|stack| {
             let mut stack = stack.borrow_mut();
@@ -208,13 +270,13 @@ where
             if *depth == DEPTH {
                 return; // too deep: neither scoped nor counted, never unbalanced
             }
-            let previous = match state.component.load(Relaxed) {
+            let previous = match record.component.load(Relaxed) {
                 0 => None,
                 slot => Some(swap_current(slot - 1)),
             };
             entries[*depth] = Some(Entered {
                 id: id.into_u64(),
-                state: state as *const SpanAlloc,
+                record,
                 previous,
                 start: thread_totals().unwrap_or_default(),
             });
@@ -244,17 +306,17 @@ where
                 swap_current(previous);
             }
             if let Some(end) = end {
-                // SAFETY: the span is entered until this exit, so the registry keeps its
-                // extensions, and the boxed SpanAlloc in them, alive.
-                let state = unsafe { &*entered.state };
-                state
-                    .bytes
-                    .fetch_add(end.bytes.wrapping_sub(entered.start.bytes), Relaxed);
-                state
-                    .freed
-                    .fetch_add(end.freed.wrapping_sub(entered.start.freed), Relaxed);
+                // SAFETY: records are leaked, never freed; the span is open while entered.
+                let record = unsafe { &*entered.record };
+                let add = |counter: &AtomicU64, delta: u64| {
+                    if delta != 0 {
+                        counter.fetch_add(delta, Relaxed);
+                    }
+                };
+                add(&record.bytes, end.bytes.wrapping_sub(entered.start.bytes));
+                add(&record.freed, end.freed.wrapping_sub(entered.start.freed));
                 if let (Some(a), Some(b)) = (end.count, entered.start.count) {
-                    state.count.fetch_add(a.wrapping_sub(b), Relaxed);
+                    add(&record.count, a.wrapping_sub(b));
                 }
             }
         });
@@ -262,21 +324,21 @@ where
 
     fn on_close(&self, id: Id, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(&id) else { return };
-        let totals = {
-            let extensions = span.extensions();
-            let Some(state) = extensions.get::<SpanAlloc>() else {
-                return;
-            };
-            (
-                state.bytes.load(Relaxed),
-                state.count.load(Relaxed),
-                state.freed.load(Relaxed),
-            )
-        };
-        if thread_totals().is_none() {
+        let Some(handle) = span.extensions_mut().remove::<SpanHandle>() else {
             return;
+        };
+        let record = handle.record;
+        let totals = (
+            record.bytes.load(Relaxed),
+            record.count.load(Relaxed),
+            record.freed.load(Relaxed),
+        );
+        if thread_totals().is_some() {
+            record_alloc_fields(&id, totals, counters::installed());
         }
-        record_alloc_fields(&id, totals, counters::installed());
+        // Retire the serial before pooling, so every cached copy goes stale.
+        record.serial.store(0, Release);
+        POOL.lock().unwrap_or_else(|p| p.into_inner()).push(record);
     }
 }
 
@@ -326,4 +388,54 @@ fn record_alloc_fields(id: &Id, (bytes, count, freed): (u64, u64, u64), with_cou
     ];
     let value_set = fields.value_set(&values);
     tracing::dispatcher::get_default(|dispatch| dispatch.record(id, &Record::new(&value_set)));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    #[test]
+    fn reused_span_ids_and_cross_thread_enters_get_the_right_component() {
+        let subscriber = tracing_subscriber::registry().with(ComponentLayer::new());
+        let dispatch = tracing::Dispatch::new(subscriber);
+        tracing::dispatcher::with_default(&dispatch, || {
+            // The registry reuses the ids of closed spans: every span must still scope
+            // its own component, whatever this thread's cache held for that id.
+            for i in 0..500 {
+                let name = ["layer_a", "layer_b", "layer_c"][i % 3];
+                let span = tracing::info_span!("step", component = name);
+                let _entered = span.enter();
+                assert_eq!(crate::current_component(), crate::component(name), "iteration {i}");
+            }
+            // A span made here and entered on another thread (a cache miss there).
+            let span = tracing::info_span!("moved", component = "layer_moved");
+            let dispatch = dispatch.clone();
+            std::thread::spawn(move || {
+                tracing::dispatcher::with_default(&dispatch, || {
+                    let _entered = span.enter();
+                    assert_eq!(crate::current_component(), crate::component("layer_moved"));
+                });
+                assert_eq!(crate::current_component(), crate::Component::OTHER);
+            })
+            .join()
+            .unwrap();
+            // Nested spans restore the outer component on exit.
+            let outer = tracing::info_span!("outer", component = "layer_outer");
+            let _o = outer.enter();
+            {
+                let inner = tracing::info_span!("inner");
+                let _i = inner.enter();
+                assert_eq!(
+                    crate::current_component(),
+                    crate::component("layer_outer"),
+                    "no field: unchanged"
+                );
+                let named = tracing::info_span!("named", component = "layer_inner");
+                let _n = named.enter();
+                assert_eq!(crate::current_component(), crate::component("layer_inner"));
+            }
+            assert_eq!(crate::current_component(), crate::component("layer_outer"));
+        });
+    }
 }
