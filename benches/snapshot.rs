@@ -11,21 +11,27 @@
 //!   main comparison, the bench raises its own peak (touches and unmaps an anonymous
 //!   mapping) so `ru_maxrss` moves, and measures memtel again on the `getrusage` path.
 //! - jemalloc arenas. `epoch` costs more with more arenas, and criterion's analysis
-//!   threads (rayon) would create arenas after the first benchmark. Two short-lived
-//!   threads allocate before any measurement, so every benchmark sees the same arenas
-//!   (criterion's threads reuse the idle ones); the count is printed at start and end.
+//!   threads (rayon) would create two arenas after the first benchmark. Two short-lived
+//!   threads allocate before any measurement, so every benchmark sees the same three
+//!   arenas (criterion's threads reuse the idle ones); the count is printed at start and
+//!   end. The last benchmark measures `epoch` once every automatic arena is in use.
+//!
+//! Criterion runs one benchmark after another; on this shared 2-core machine the load
+//! drifts between them, and a ratio of two such medians carries that drift. So the
+//! ratios the project tracks are also measured interleaved (the candidates take turns
+//! in short batches, see [`interleaved`]) and printed to stderr; BENCHMARKS.md uses those.
 
 use std::fs::File;
 use std::hint::black_box;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkGroup, Criterion};
 use memtel::MemoryMonitor;
 use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
-use tikv_jemalloc_ctl::{arenas, epoch, epoch_mib, stats};
+use tikv_jemalloc_ctl::{arenas, epoch, epoch_mib, raw, stats};
 
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -176,6 +182,20 @@ fn sysinfo_per_request(pid: Pid) -> (u64, u64) {
     (process.memory(), process.virtual_memory())
 }
 
+/// The way `PITFALLS.md` describes the write-up: two new `System`s per request, each
+/// refreshing this process with sysinfo's default process refresh (memory, CPU, disk
+/// usage, exe, tasks).
+fn sysinfo_two_systems_default_refresh(pid: Pid) -> (u64, u64) {
+    let mut figures = (0, 0);
+    for _ in 0..2 {
+        let mut sys = System::new().expect("sysinfo System::new");
+        sys.refresh_processes(ProcessesToUpdate::Some(&[pid]), true);
+        let process = sys.process(pid).expect("this process in sysinfo");
+        figures = (figures.0.max(process.memory()), process.virtual_memory());
+    }
+    figures
+}
+
 /// Three components with cheap callbacks (an atomic load each), as a service would register.
 fn with_components(monitor: MemoryMonitor) -> MemoryMonitor {
     for (name, bytes) in [("cache", 4 << 20), ("sessions", 1 << 20), ("queue", 64 << 10)] {
@@ -231,23 +251,41 @@ fn report_peak_path(when: &str, start_maxrss: u64) {
 }
 
 fn report_arenas(when: &str) {
+    // `arena.<i>.initialized` is ctl data, refreshed by an epoch advance.
+    epoch::advance().expect("epoch");
     let narenas = arenas::narenas::read().expect("arenas.narenas");
+    let initialized = (0..narenas)
+        .filter(|i| {
+            let name = format!("arena.{i}.initialized\0");
+            // SAFETY: arena.<i>.initialized is a bool.
+            unsafe { raw::read::<bool>(name.as_bytes()) }.unwrap_or(false)
+        })
+        .count();
     let status = std::fs::read_to_string("/proc/self/status").expect("status");
     let threads = status
         .lines()
         .find_map(|l| l.strip_prefix("Threads:"))
         .map_or("?", str::trim);
-    eprintln!("[snapshot bench] {when}: jemalloc arenas {narenas}, threads {threads}");
+    eprintln!("[snapshot bench] {when}: jemalloc arenas in use {initialized} of {narenas}, threads {threads}");
 }
 
-/// Two short-lived threads allocate, so jemalloc creates the arenas criterion's two
-/// analysis threads would otherwise create after the first benchmark.
-fn prewarm_arenas() {
-    let threads: Vec<_> = (0..2)
-        .map(|_| std::thread::spawn(|| black_box(vec![1u8; 64 << 10]).len()))
+/// `n` threads, alive at the same time, each allocate and exit: jemalloc gives each
+/// its own arena (up to its automatic arena count), and the arenas stay in use for
+/// stats after the threads exit. Later threads (criterion's) reuse the idle ones.
+fn spawn_arenas(n: usize) {
+    let barrier = Arc::new(std::sync::Barrier::new(n));
+    let threads: Vec<_> = (0..n)
+        .map(|_| {
+            let barrier = Arc::clone(&barrier);
+            std::thread::spawn(move || {
+                let len = black_box(vec![1u8; 64 << 10]).len();
+                barrier.wait();
+                len
+            })
+        })
         .collect();
     for t in threads {
-        t.join().expect("prewarm thread");
+        t.join().expect("arena thread");
     }
 }
 
@@ -290,17 +328,161 @@ fn raise_peak_above(start_maxrss: u64) -> bool {
     maxrss_bytes() > start_maxrss
 }
 
+/// The floor and memtel read the same figures (a wrong floor would be a meaningless baseline).
+fn sanity_check(floor: &Floor) {
+    let f = floor.snapshot(true, false);
+    let s = floor.snapshot(true, true);
+    let m = MemoryMonitor::builder().cache_window(Duration::ZERO).build().snapshot();
+    let (rss, virt) = (
+        m.rss_bytes.expect("memtel rss"),
+        m.virtual_bytes.expect("memtel virtual"),
+    );
+    assert!(
+        f.rss > 0 && f.virt >= f.rss && f.peak >= f.rss && s.peak >= s.rss,
+        "{f:?} {s:?}"
+    );
+    assert!(
+        f.jemalloc[0] > 0 && f.jemalloc.iter().skip(1).take(3).all(|v| *v > 0),
+        "{f:?}"
+    );
+    assert!(
+        f.rss.abs_diff(rss) < 64 << 20 && f.virt.abs_diff(virt) < 256 << 20,
+        "{f:?} vs {m:?}"
+    );
+    eprintln!(
+        "[snapshot bench] floor: rss {:.1} MiB, virtual {:.1} MiB, peak (getrusage) {:.1} MiB, \
+         peak (VmHWM) {:.1} MiB, jemalloc allocated {:.1} MiB; memtel: rss {:.1} MiB, peak {:.1} MiB",
+        f.rss as f64 / MIB,
+        f.virt as f64 / MIB,
+        f.peak as f64 / MIB,
+        s.peak as f64 / MIB,
+        f.jemalloc[0] as f64 / MIB,
+        rss as f64 / MIB,
+        m.peak_rss_bytes.unwrap_or(0) as f64 / MIB,
+    );
+}
+
+/// A candidate of an interleaved comparison: a name and one call.
+type Candidate<'a> = (&'static str, &'a dyn Fn());
+
+/// Criterion measures one benchmark after another, so on a shared machine the load
+/// can differ between the two sides of a ratio. This runs the candidates in turns
+/// (`batch` calls each, the order rotated every round), so every round compares them
+/// under the same load, and prints each candidate's median time per call and, for
+/// each `(numerator, denominator)` pair, the median and quartiles of the per-round ratio.
+fn interleaved(title: &str, candidates: &[Candidate<'_>], pairs: &[(usize, usize)], rounds: usize, batch: u32) {
+    let n = candidates.len();
+    let mut per_call: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); n];
+    // Round 0 warms up and is not recorded.
+    for round in 0..=rounds {
+        for k in 0..n {
+            let i = (round + k) % n;
+            let start = Instant::now();
+            for _ in 0..batch {
+                (candidates[i].1)();
+            }
+            if round > 0 {
+                per_call[i].push(start.elapsed().as_nanos() as f64 / f64::from(batch));
+            }
+        }
+    }
+    eprintln!("[snapshot bench] interleaved, {title}: {rounds} rounds of {batch} calls each");
+    for (i, (name, _)) in candidates.iter().enumerate() {
+        let q = quartiles(per_call[i].clone());
+        eprintln!(
+            "[snapshot bench]   {name:<40} median {:>9.3} µs/call (p25 {:.3}, p75 {:.3})",
+            q[1] / 1e3,
+            q[0] / 1e3,
+            q[2] / 1e3
+        );
+    }
+    for &(a, b) in pairs {
+        let ratios: Vec<f64> = per_call[a].iter().zip(&per_call[b]).map(|(x, y)| x / y).collect();
+        let q = quartiles(ratios);
+        eprintln!(
+            "[snapshot bench]   ratio {} ÷ {}: median {:.2}× (p25 {:.2}×, p75 {:.2}×)",
+            candidates[a].0, candidates[b].0, q[1], q[0], q[2]
+        );
+    }
+}
+
+fn quartiles(mut v: Vec<f64>) -> [f64; 3] {
+    v.sort_by(f64::total_cmp);
+    let at = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+    [at(0.25), at(0.5), at(0.75)]
+}
+
+/// The interleaved comparisons: everything that reads the sources on every call.
+fn interleaved_all(title: &str, floor: &Floor, with_epoch: &MemoryMonitor, cached: &MemoryMonitor, pid: Pid) {
+    let fw = || {
+        black_box(floor.snapshot(true, false));
+    };
+    let fs = || {
+        black_box(floor.snapshot(true, true));
+    };
+    let mw = || {
+        black_box(with_epoch.snapshot());
+    };
+    let si = || {
+        black_box(sysinfo_per_request(pid));
+    };
+    let s2 = || {
+        black_box(sysinfo_two_systems_default_refresh(pid));
+    };
+    let epoch_set: [Candidate<'_>; 5] = [
+        ("floor/with_epoch", &fw),
+        ("floor/status_peak", &fs),
+        ("memtel/fresh_with_epoch", &mw),
+        ("sysinfo/per_request", &si),
+        ("sysinfo/two_systems_default_refresh", &s2),
+    ];
+    interleaved(
+        &format!("{title}, with epoch"),
+        &epoch_set,
+        &[(2, 0), (2, 1), (3, 2), (4, 2)],
+        150,
+        20,
+    );
+
+    let fne = || {
+        black_box(floor.snapshot(false, false));
+    };
+    let fsn = || {
+        black_box(floor.snapshot(false, true));
+    };
+    let mc = || {
+        black_box(cached.snapshot());
+    };
+    let no_epoch_set: [Candidate<'_>; 4] = [
+        ("floor/no_epoch", &fne),
+        ("floor/status_peak_no_epoch", &fsn),
+        ("memtel/fresh_cached_jemalloc", &mc),
+        ("sysinfo/per_request", &si),
+    ];
+    interleaved(
+        &format!("{title}, no epoch"),
+        &no_epoch_set,
+        &[(2, 0), (2, 1), (3, 2)],
+        150,
+        20,
+    );
+}
+
 fn main() {
     // Before anything else, so the figure is the one memtel's monitors see at build time.
     let start_maxrss = maxrss_bytes();
     report_peak_path("start", start_maxrss);
     report_arenas("start");
-    prewarm_arenas();
+    // Criterion's two analysis threads would create two arenas after the first benchmark.
+    spawn_arenas(2);
     report_arenas("after prewarm");
 
-    let mut c = Criterion::default().configure_from_args();
+    let mut c = Criterion::default().without_plots().configure_from_args();
+    // Criterion's test mode (`cargo test --benches`) runs without `--bench`: skip the extra pass.
+    let interleave = std::env::args().any(|a| a == "--bench");
     let floor = Floor::open();
     let pid = Pid::from_u32(std::process::id());
+    sanity_check(&floor);
 
     {
         let mut group = c.benchmark_group("snapshot");
@@ -314,34 +496,45 @@ fn main() {
         group.bench_function("floor/status_peak", |b| {
             b.iter(|| black_box(floor.snapshot(true, true)))
         });
+        group.bench_function("floor/status_peak_no_epoch", |b| {
+            b.iter(|| black_box(floor.snapshot(false, true)))
+        });
 
-        bench_monitor(&mut group, "memtel/fresh_with_epoch", &fresh_with_epoch());
-        bench_monitor(&mut group, "memtel/fresh_cached_jemalloc", &fresh_cached_jemalloc());
+        let (with_epoch, cached) = (fresh_with_epoch(), fresh_cached_jemalloc());
+        bench_monitor(&mut group, "memtel/fresh_with_epoch", &with_epoch);
+        bench_monitor(&mut group, "memtel/fresh_cached_jemalloc", &cached);
         bench_monitor(&mut group, "memtel/default", &default_monitor());
 
         group.bench_function("sysinfo/per_request", |b| {
             b.iter(|| black_box(sysinfo_per_request(pid)))
         });
+        group.bench_function("sysinfo/two_systems_default_refresh", |b| {
+            b.iter(|| black_box(sysinfo_two_systems_default_refresh(pid)))
+        });
 
         report_peak_path("after the main comparison", start_maxrss);
+        if interleave {
+            interleaved_all("peak path as at start", &floor, &with_epoch, &cached, pid);
+        }
 
         // The same monitors once ru_maxrss has moved: memtel's getrusage-only peak path.
         if raise_peak_above(start_maxrss) {
             report_peak_path("after raising the peak", start_maxrss);
-            bench_monitor(&mut group, "memtel_rusage_path/fresh_with_epoch", &fresh_with_epoch());
-            bench_monitor(
-                &mut group,
-                "memtel_rusage_path/fresh_cached_jemalloc",
-                &fresh_cached_jemalloc(),
-            );
+            let (with_epoch, cached) = (fresh_with_epoch(), fresh_cached_jemalloc());
+            if interleave {
+                interleaved_all("getrusage peak path", &floor, &with_epoch, &cached, pid);
+            }
+            bench_monitor(&mut group, "memtel_rusage_path/fresh_with_epoch", &with_epoch);
+            bench_monitor(&mut group, "memtel_rusage_path/fresh_cached_jemalloc", &cached);
         }
         group.finish();
     }
+    report_arenas("after the snapshot group");
 
     // The parts, each alone, to say where a snapshot's time goes.
     {
         let mut group = c.benchmark_group("parts");
-        group.measurement_time(Duration::from_secs(2));
+        group.measurement_time(Duration::from_millis(1500));
         group.warm_up_time(Duration::from_millis(500));
 
         group.bench_function("statm/pread_once", |b| b.iter(|| black_box(floor.statm())));
@@ -364,6 +557,13 @@ fn main() {
             b.iter(|| black_box(floor.epoch.advance().expect("epoch")))
         });
         group.bench_function("jemalloc/six_mib_reads", |b| b.iter(|| black_box(floor.six_stats())));
+
+        // Last, as it cannot be undone: a multi-threaded service uses all automatic arenas.
+        spawn_arenas(16);
+        report_arenas("after 16 more threads");
+        group.bench_function("jemalloc/epoch_advance_all_arenas", |b| {
+            b.iter(|| black_box(floor.epoch.advance().expect("epoch")))
+        });
         group.finish();
     }
 

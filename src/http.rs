@@ -3,7 +3,9 @@
 //! Bytes become megabytes here and only here (MB = MiB = 1,048,576 bytes).
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -40,11 +42,49 @@ const MIB: f64 = 1_048_576.0;
 pub fn router(monitor: MemoryMonitor) -> Router {
     Router::new()
         .route(PROFILE_PATH, get(profile).fallback(method_not_allowed))
-        .with_state(monitor)
+        .with_state(Arc::new(Rendered {
+            monitor,
+            latest: Mutex::new(None),
+        }))
 }
 
-async fn profile(State(monitor): State<MemoryMonitor>) -> Json<MemoryProfile> {
-    Json(MemoryProfile::from_snapshot(&monitor.snapshot()))
+/// The monitor and the document rendered for its latest snapshot: requests that
+/// share a snapshot (within its cache window) share the serialized body too.
+struct Rendered {
+    monitor: MemoryMonitor,
+    latest: Mutex<Option<(Arc<Snapshot>, Bytes)>>,
+}
+
+async fn profile(State(rendered): State<Arc<Rendered>>) -> Response {
+    let snap = rendered.monitor.snapshot();
+    let cached = {
+        let latest = rendered.latest.lock().unwrap_or_else(|p| p.into_inner());
+        latest
+            .as_ref()
+            .filter(|(s, _)| Arc::ptr_eq(s, &snap))
+            .map(|(_, body)| body.clone())
+    };
+    let body = match cached {
+        Some(body) => body,
+        None => match serde_json::to_vec(&MemoryProfile::from_snapshot(&snap)) {
+            Ok(json) => {
+                let body = Bytes::from(json);
+                *rendered.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some((snap, body.clone()));
+                body
+            }
+            Err(e) => {
+                let error = ErrorBody {
+                    error: format!("cannot render the profile: {e}"),
+                };
+                return (StatusCode::INTERNAL_SERVER_ERROR, Json(error)).into_response();
+            }
+        },
+    };
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        body,
+    )
+        .into_response()
 }
 
 async fn method_not_allowed() -> Response {

@@ -210,7 +210,7 @@ impl MemoryMonitor {
         let heap = jemalloc.map(|j| j.allocated).or_else(|| {
             // Without jemalloc stats the tracking allocator knows the live heap exactly.
             untagged.map(|(allocated, freed)| {
-                let tracked_live: u64 = components.list.iter().filter_map(|c| c.tracked).sum();
+                let tracked_live = components.tracked_live;
                 allocated.saturating_sub(freed) + tracked_live
             })
         });
@@ -227,7 +227,7 @@ impl MemoryMonitor {
             limit: kernel.limit,
             heap_allocated_bytes: heap,
             jemalloc,
-            components: components.list.into_iter().map(|c| c.usage).collect(),
+            components: components.usage,
             other_bytes: other,
             other_allocated_total_bytes: untagged.map(|(allocated, _)| allocated),
             component_source: components.source,
@@ -303,20 +303,19 @@ impl MemoryMonitor {
     /// Tracked components (when the tracking allocator is installed) merged by name
     /// with the reported ones.
     fn components(&self) -> Components {
-        let mut list: Vec<Entry> = Vec::new();
+        let mut list: Vec<ComponentUsage> = Vec::new();
+        let mut tracked_live = 0u64;
         let tracked = crate::alloc::tracking_installed();
         if tracked {
             crate::alloc::for_each_component(|slot, name| {
                 let (allocated, freed) = crate::alloc::counters::totals(usize::from(slot));
                 let live = allocated.saturating_sub(freed);
-                list.push(Entry {
-                    usage: ComponentUsage {
-                        name: Arc::clone(name),
-                        bytes: live,
-                        source: ComponentSource::Tracked,
-                        allocated_total_bytes: Some(allocated),
-                    },
-                    tracked: Some(live),
+                tracked_live = tracked_live.saturating_add(live);
+                list.push(ComponentUsage {
+                    name: Arc::clone(name),
+                    bytes: live,
+                    source: ComponentSource::Tracked,
+                    allocated_total_bytes: Some(allocated),
                 });
             });
         }
@@ -328,19 +327,16 @@ impl MemoryMonitor {
                 continue;
             };
             reported_total = reported_total.saturating_add(bytes);
-            match list.iter_mut().find(|e| e.usage.name == c.name) {
-                Some(entry) => {
-                    entry.usage.bytes = entry.usage.bytes.saturating_add(bytes);
-                    entry.usage.source = ComponentSource::Mixed;
+            match list.iter_mut().find(|u| u.name == c.name) {
+                Some(usage) => {
+                    usage.bytes = usage.bytes.saturating_add(bytes);
+                    usage.source = ComponentSource::Mixed;
                 }
-                None => list.push(Entry {
-                    usage: ComponentUsage {
-                        name: Arc::clone(&c.name),
-                        bytes,
-                        source: ComponentSource::Reported,
-                        allocated_total_bytes: None,
-                    },
-                    tracked: None,
+                None => list.push(ComponentUsage {
+                    name: Arc::clone(&c.name),
+                    bytes,
+                    source: ComponentSource::Reported,
+                    allocated_total_bytes: None,
                 }),
             }
         }
@@ -350,7 +346,8 @@ impl MemoryMonitor {
             (true, false) => ComponentSource::Mixed,
         };
         Components {
-            list,
+            usage: list,
+            tracked_live,
             reported_total,
             source,
         }
@@ -418,14 +415,12 @@ impl ActionStats {
 
 /// Component figures of one snapshot, before they become `ComponentUsage`s.
 struct Components {
-    list: Vec<Entry>,
+    usage: Vec<ComponentUsage>,
+    /// Σ tracked live bytes.
+    tracked_live: u64,
+    /// Σ reported bytes.
     reported_total: u64,
     source: ComponentSource,
-}
-
-struct Entry {
-    usage: ComponentUsage,
-    tracked: Option<u64>,
 }
 
 pub(crate) fn validate_component_name(name: &str) -> Result<(), Error> {

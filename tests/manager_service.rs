@@ -199,3 +199,36 @@ fn a_cgroup_v1_limit_is_detected_with_source_cgroup() {
     proc.terminate();
     assert!(proc.wait_exit(Duration::from_secs(15)).success());
 }
+
+/// `ru_maxrss` survives `exec`: a child of a parent that holds a lot of memory starts
+/// with the parent's peak. The reported peak must be the child's own (its VmHWM).
+#[test]
+fn the_peak_is_the_processs_own_not_the_parents() {
+    // Hold and touch 256 MB so this process's peak is far above the child's.
+    let ballast = vec![1u8; 256 << 20];
+    assert!(vm_rss_mib(std::process::id()) > 200.0);
+    let addr = free_addr();
+    let mut cmd = memtel();
+    cmd.args(["--listen", &addr.to_string(), "--no-demo"]);
+    let mut proc = Proc::spawn(cmd, "memtel started by a large parent");
+    let client = client();
+    proc.wait_ready(&client, addr);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", proc.pid())).unwrap();
+    let hwm_mb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|kb| kb.trim().parse::<f64>().ok())
+        .unwrap()
+        / 1024.0;
+    let doc = get_json(&client, addr, "/api/v1/memory/profile");
+    let peak = doc["peak_usage_mb"].as_f64().unwrap();
+    assert!(peak < 150.0, "not the parent's peak: {peak} MB");
+    assert!(
+        (peak - hwm_mb).abs() <= hwm_mb * 0.2 + 2.0,
+        "peak {peak} MB vs the child's VmHWM {hwm_mb} MB"
+    );
+    proc.terminate();
+    assert!(proc.wait_exit(Duration::from_secs(15)).success());
+    drop(ballast);
+}

@@ -30,6 +30,9 @@ impl ProcFile {
 
     /// Reads the whole file into `buf` and returns the filled part; `None` on an
     /// error or when the file does not fit.
+    ///
+    /// A `/proc` file smaller than the buffer comes back whole from one read, so a
+    /// short read ends it: no second `pread` just to see end-of-file.
     #[cfg(unix)]
     pub(crate) fn read_into<'b>(&self, buf: &'b mut [u8]) -> Option<&'b [u8]> {
         use std::os::unix::fs::FileExt;
@@ -40,7 +43,12 @@ impl ProcFile {
             }
             match self.file.read_at(&mut buf[filled..], filled as u64) {
                 Ok(0) => return Some(&buf[..filled]),
-                Ok(n) => filled += n,
+                Ok(n) => {
+                    filled += n;
+                    if filled < buf.len() {
+                        return Some(&buf[..filled]);
+                    }
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => return None,
             }

@@ -6,7 +6,10 @@
 //! read and parse. At start we note both. The kernel keeps
 //! `ru_maxrss = max(inherited, this image's high-water mark)`, so once `ru_maxrss`
 //! rises above its start value it *is* this image's peak; only while it has not
-//! moved and the start value was inherited do we read `VmHWM`.
+//! moved and the start value was inherited do we read `VmHWM` — and then only
+//! `VmHWM`: once it passes the inherited value, `ru_maxrss` is exact for good.
+
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use super::{parse_kb_field, ProcFile};
 
@@ -14,8 +17,9 @@ use super::{parse_kb_field, ProcFile};
 pub(crate) struct Peak {
     /// `ru_maxrss` at start, bytes.
     start_maxrss: u64,
-    /// Whether the start value came from a parent image (above this image's VmHWM).
-    inherited: bool,
+    /// Whether the start value came from a parent image (above this image's VmHWM)
+    /// and this image's peak has not passed it yet.
+    inherited: AtomicBool,
     status: Option<ProcFile>,
 }
 
@@ -26,23 +30,30 @@ impl Peak {
         let hwm = status.as_ref().and_then(read_hwm);
         Some(Self {
             start_maxrss,
-            inherited: hwm.is_some_and(|hwm| start_maxrss > hwm),
+            inherited: AtomicBool::new(hwm.is_some_and(|hwm| start_maxrss > hwm)),
             status,
         })
     }
 
     pub(crate) fn read(&self) -> Option<u64> {
-        let maxrss = maxrss_bytes()?;
-        if !self.inherited || maxrss > self.start_maxrss {
-            return Some(maxrss);
+        if self.inherited.load(Relaxed) {
+            if let Some(hwm) = self.status.as_ref().and_then(read_hwm) {
+                if hwm <= self.start_maxrss {
+                    return Some(hwm);
+                }
+                // This image's own peak is now above the inherited one: from here on
+                // ru_maxrss is max(inherited, ours) = ours.
+                self.inherited.store(false, Relaxed);
+            }
         }
-        self.status.as_ref().and_then(read_hwm)
+        maxrss_bytes()
     }
 }
 
 fn read_hwm(status: &ProcFile) -> Option<u64> {
-    // /proc/self/status is about 1.5 KiB; 8 KiB leaves room for long group lists.
-    let mut buf = [0u8; 8192];
+    // /proc/self/status is about 1.5 KiB; 4 KiB leaves room for long group lists
+    // (a larger file reads as None: the caller falls back to ru_maxrss).
+    let mut buf = [0u8; 4096];
     parse_kb_field(status.read_into(&mut buf)?, b"VmHWM")
 }
 
