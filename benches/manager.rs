@@ -23,7 +23,9 @@ fn manager_cycle(c: &mut Criterion) {
     // add arenas after the first benchmark: put them in use first, so both functions
     // are measured in the same allocator state.
     for _ in 0..8 {
-        std::thread::spawn(|| drop(std::hint::black_box(vec![0u8; 1 << 16]))).join().unwrap();
+        std::thread::spawn(|| drop(std::hint::black_box(vec![0u8; 1 << 16])))
+            .join()
+            .unwrap();
     }
     std::thread::scope(|s| {
         for _ in 0..8 {
