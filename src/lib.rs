@@ -65,6 +65,8 @@ pub use snapshot::{
     classify, next_level, Actions, CgroupEvents, CgroupSignals, ComponentSource, ComponentUsage, JemallocStats,
     KernelSignals, Limit, LimitSource, Pressure, Psi, PsiLine, PsiSource, Snapshot, Thresholds,
 };
+#[cfg(feature = "jemalloc")]
+pub use source::jemalloc::purge_jemalloc;
 
 #[cfg(feature = "http")]
 pub use http::{

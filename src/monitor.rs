@@ -259,7 +259,7 @@ impl MemoryMonitor {
         {
             let jemalloc = self.inner.jemalloc.as_ref()?;
             let before = jemalloc.read(Duration::ZERO)?.resident;
-            if !crate::source::jemalloc::purge_all_arenas() {
+            if !crate::source::jemalloc::purge_jemalloc() {
                 return None;
             }
             let after = jemalloc.read(Duration::ZERO)?.resident;

@@ -360,27 +360,9 @@ pub fn measure_memory<S: Scope>(name: &str, scope: &S, tracked: impl Fn() -> Opt
     purge_all_arenas();
 }
 
-/// `arena.<all>.purge`: returns every arena's dirty and muzzy pages to the OS. (Writing
-/// a value to the name fails: jemalloc expects none, so call it by MIB with no value.)
+/// Returns every jemalloc arena's dirty pages to the OS.
 pub fn purge_all_arenas() {
-    let mut mib = [0usize; 3];
-    if tikv_jemalloc_ctl::raw::name_to_mib(b"arena.0.purge\0", &mut mib).is_err() {
-        eprintln!("cannot resolve arena.0.purge");
-        return;
-    }
-    mib[1] = 4096; // MALLCTL_ARENAS_ALL
-                   // SAFETY: a valid 3-element MIB; purge takes and returns no value.
-    let rc = unsafe {
-        tikv_jemalloc_sys::mallctlbymib(
-            mib.as_ptr(),
-            mib.len(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            0,
-        )
-    };
-    if rc != 0 {
-        eprintln!("arena.<all>.purge failed: {rc}");
+    if !memtel::purge_jemalloc() {
+        eprintln!("arena.<all>.purge failed");
     }
 }

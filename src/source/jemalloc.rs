@@ -84,13 +84,21 @@ impl Jemalloc {
     }
 }
 
-#[cfg(feature = "manager")]
-/// Returns dirty and muzzy pages of every arena to the OS (`arena.<all>.purge`).
+/// Asks jemalloc to return the dirty and muzzy pages of every arena to the OS
+/// (`arena.<all>.purge`); `false` when jemalloc refuses. RSS falls only by what was
+/// dirty: freed memory jemalloc kept for reuse. [`MemoryManager`](crate::MemoryManager)
+/// calls this for its gc cycles and measures what it returned.
 ///
-/// `tikv-jemalloc-ctl` has no typed purge, and writing a value to the name fails
-/// (jemalloc expects none): resolve `arena.0.purge`, point index 1 at all arenas
-/// (`MALLCTL_ARENAS_ALL` = 4096) and call it with no value.
-pub(crate) fn purge_all_arenas() -> bool {
+/// ```
+/// # #[global_allocator]
+/// # static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+/// drop(vec![1u8; 32 << 20]);
+/// assert!(memtel::purge_jemalloc());
+/// ```
+// tikv-jemalloc-ctl has no typed purge, and writing a value to the name fails
+// (jemalloc expects none): resolve `arena.0.purge`, point index 1 at all arenas
+// (MALLCTL_ARENAS_ALL = 4096) and call it with no value.
+pub fn purge_jemalloc() -> bool {
     const MALLCTL_ARENAS_ALL: usize = 4096;
     let mut mib = [0usize; 3];
     if raw::name_to_mib(b"arena.0.purge\0", &mut mib).is_err() {
