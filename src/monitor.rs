@@ -1,6 +1,7 @@
 //! [`MemoryMonitor`]: the sources, the component registry and the latest snapshot.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -354,54 +355,66 @@ impl MemoryMonitor {
     }
 }
 
-/// Actions taken by a manager, shared with every snapshot.
-#[derive(Debug, Default)]
+/// Actions taken by a manager, shared with every snapshot. Lock-free: every snapshot
+/// reads it, and a manager writes it at most once per cooldown.
+#[derive(Debug)]
 pub(crate) struct ActionStats {
+    /// What the action times are measured from.
+    base: Instant,
     cleanup: ActionCounter,
     gc: ActionCounter,
 }
 
+impl Default for ActionStats {
+    fn default() -> Self {
+        Self {
+            base: Instant::now(),
+            cleanup: ActionCounter::default(),
+            gc: ActionCounter::default(),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct ActionCounter {
-    runs: std::sync::atomic::AtomicU64,
-    freed: std::sync::atomic::AtomicU64,
-    last: Mutex<Option<Instant>>,
+    runs: AtomicU64,
+    freed: AtomicU64,
+    /// When it last ran, as nanoseconds after `base` plus one; 0 = never.
+    last: AtomicU64,
 }
 
 impl ActionCounter {
     #[cfg(feature = "manager")]
-    fn record(&self, freed: u64) {
-        use std::sync::atomic::Ordering::Relaxed;
+    fn record(&self, base: Instant, freed: u64) {
         self.runs.fetch_add(1, Relaxed);
         self.freed.fetch_add(freed, Relaxed);
-        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        let since_base = u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
+        self.last.store(since_base + 1, Relaxed);
     }
 
-    fn read(&self) -> (u64, u64, Option<Duration>) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let last = *self.last.lock().unwrap_or_else(|p| p.into_inner());
-        (
-            self.runs.load(Relaxed),
-            self.freed.load(Relaxed),
-            last.map(|t| t.elapsed()),
-        )
+    fn read(&self, base: Instant) -> (u64, u64, Option<Duration>) {
+        let last = match self.last.load(Relaxed) {
+            0 => None,
+            at => Some(base.elapsed().saturating_sub(Duration::from_nanos(at - 1))),
+        };
+        (self.runs.load(Relaxed), self.freed.load(Relaxed), last)
     }
 }
 
 impl ActionStats {
     #[cfg(feature = "manager")]
     pub(crate) fn record_cleanup(&self, freed: u64) {
-        self.cleanup.record(freed);
+        self.cleanup.record(self.base, freed);
     }
 
     #[cfg(feature = "manager")]
     pub(crate) fn record_gc(&self, freed: u64) {
-        self.gc.record(freed);
+        self.gc.record(self.base, freed);
     }
 
     fn read(&self) -> Actions {
-        let (cleanup_runs, cleanup_freed_bytes, last_cleanup_ago) = self.cleanup.read();
-        let (gc_runs, gc_freed_bytes, last_gc_ago) = self.gc.read();
+        let (cleanup_runs, cleanup_freed_bytes, last_cleanup_ago) = self.cleanup.read(self.base);
+        let (gc_runs, gc_freed_bytes, last_gc_ago) = self.gc.read(self.base);
         Actions {
             cleanup_runs,
             cleanup_freed_bytes,
