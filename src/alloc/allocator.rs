@@ -1,7 +1,10 @@
-//! The tracking global allocator: one tag byte after each allocation names its component.
+//! The tracking global allocator: each allocation's component is named by a tag byte
+//! after it, or, over jemalloc, by the address range it was placed in.
 
 use std::alloc::{GlobalAlloc, Layout};
 
+#[cfg(feature = "jemalloc")]
+use super::arenas;
 use super::counters;
 
 /// A `#[global_allocator]` wrapper that attributes every heap byte to a component.
@@ -12,11 +15,16 @@ use super::counters;
 /// component, whichever thread or component frees them, so live bytes per component
 /// (allocated − freed) are exact.
 ///
-/// The extra byte costs nothing when a request leaves room in its jemalloc size class
-/// (4 classes per doubling), and a whole class step when the request is exactly a
-/// class size — which Rust's doubling growth of `Vec` and `String` hits often. On a
-/// serde_json/HashMap workload that came to about 6 % more resident memory (see
-/// BENCHMARKS.md).
+/// The extra byte costs nothing when a request leaves room in its size class, and a
+/// whole class step when the request is exactly a class size — which Rust's doubling
+/// growth of `Vec` and `String` hits often (about 40 % of the allocations of a
+/// serde_json/HashMap workload). So over jemalloc (`A` = `tikv_jemallocator::Jemalloc`,
+/// feature `jemalloc`), exact-class requests carry no tag: they are served by a jemalloc
+/// arena of their component's own whose pages come from an address range reserved for
+/// that component, and a free finds the component from the address. That brings the
+/// memory cost of attribution from about 6 % to about 2 % (BENCHMARKS.md). It reserves
+/// 65 × 8 GiB of address space (`PROT_NONE`, no memory) on first use; where that is
+/// refused, the tag is used for every allocation.
 ///
 /// A `realloc` keeps the allocation's component: a buffer belongs to whoever created
 /// it, wherever it grows. Counters are sharded per thread (see the crate docs).
@@ -58,47 +66,35 @@ fn tagged(layout: Layout) -> Option<Layout> {
     Some(unsafe { Layout::from_size_align_unchecked(size, layout.align()) })
 }
 
-// SAFETY: every method forwards to the inner allocator with the tagged layout, which
-// is the layout that allocation was made with; the tag byte lies inside that
-// allocation, just past the caller's `layout.size()` bytes.
-unsafe impl<A: GlobalAlloc> GlobalAlloc for TrackingAllocator<A> {
+/// Whether `A` is jemalloc, whose arenas can hold exact-class allocations untagged.
+/// (Both sides are constants: the comparison folds away.)
+#[cfg(feature = "jemalloc")]
+#[inline(always)]
+fn places_in_arenas<A: 'static>() -> bool {
+    std::any::TypeId::of::<A>() == std::any::TypeId::of::<tikv_jemallocator::Jemalloc>()
+}
+
+impl<A: GlobalAlloc> TrackingAllocator<A> {
+    /// Allocates with a tag byte after the caller's memory.
     #[inline(always)]
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+    unsafe fn alloc_tagged(&self, layout: Layout, zeroed: bool) -> *mut u8 {
         let Some(tagged) = tagged(layout) else {
             return std::ptr::null_mut();
         };
-        let ptr = self.inner.alloc(tagged);
+        let ptr = if zeroed {
+            self.inner.alloc_zeroed(tagged)
+        } else {
+            self.inner.alloc(tagged)
+        };
         if !ptr.is_null() {
             ptr.add(layout.size()).write(counters::on_alloc(layout.size()));
         }
         ptr
     }
 
+    /// Resizes a tagged allocation, keeping its tag.
     #[inline(always)]
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let Some(tagged) = tagged(layout) else {
-            return std::ptr::null_mut();
-        };
-        let ptr = self.inner.alloc_zeroed(tagged);
-        if !ptr.is_null() {
-            ptr.add(layout.size()).write(counters::on_alloc(layout.size()));
-        }
-        ptr
-    }
-
-    #[inline(always)]
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        let slot = ptr.add(layout.size()).read();
-        counters::on_free(slot, layout.size());
-        // The tagged layout was valid when this allocation was made.
-        self.inner.dealloc(
-            ptr,
-            Layout::from_size_align_unchecked(layout.size() + 1, layout.align()),
-        );
-    }
-
-    #[inline(always)]
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+    unsafe fn realloc_tagged(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         let Some(new_tagged) = tagged(Layout::from_size_align_unchecked(new_size, layout.align())) else {
             return std::ptr::null_mut();
         };
@@ -110,5 +106,157 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for TrackingAllocator<A> {
             counters::on_realloc(slot, layout.size(), new_size);
         }
         new_ptr
+    }
+
+    /// Frees a tagged allocation.
+    #[inline(always)]
+    unsafe fn dealloc_tagged(&self, ptr: *mut u8, layout: Layout) {
+        let slot = ptr.add(layout.size()).read();
+        counters::on_free(slot, layout.size());
+        // The tagged layout was valid when this allocation was made.
+        self.inner.dealloc(
+            ptr,
+            Layout::from_size_align_unchecked(layout.size() + 1, layout.align()),
+        );
+    }
+}
+
+#[cfg(feature = "jemalloc")]
+impl<A: GlobalAlloc> TrackingAllocator<A> {
+    /// Allocates in the current component's arena, or with a tag if that is unavailable.
+    /// Out of line, like the other placed paths, so the tagged path stays small enough
+    /// to be inlined into every allocation site. (`cold` only steers inlining and code
+    /// layout; the branch itself is predicted at run time.)
+    #[cold]
+    #[inline(never)]
+    unsafe fn alloc_placed(&self, layout: Layout, zeroed: bool) -> *mut u8 {
+        let size = layout.size();
+        let ptr = counters::STATE
+            .try_with(|s| {
+                let slot = s.current.get();
+                let ptr = arenas::alloc(s, slot, size, zeroed);
+                if !ptr.is_null() {
+                    counters::record_alloc(s, slot, size);
+                }
+                ptr
+            })
+            .unwrap_or(std::ptr::null_mut());
+        if ptr.is_null() {
+            return self.alloc_tagged(layout, zeroed);
+        }
+        ptr
+    }
+
+    /// `realloc` when allocations may be placed: an allocation whose new size is an
+    /// exact class moves to (or stays in) its component's arena, any other size to (or
+    /// in) the tagged heap. Its component never changes.
+    #[cold]
+    #[inline(never)]
+    unsafe fn realloc_placed(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let (old_size, align) = (layout.size(), layout.align());
+        let to_arena = arenas::wants(new_size, align);
+        let Some(slot) = arenas::slot_of(ptr) else {
+            if to_arena {
+                let slot = ptr.add(old_size).read();
+                let new_ptr = counters::STATE
+                    .try_with(|s| arenas::alloc(s, slot, new_size, false))
+                    .unwrap_or(std::ptr::null_mut());
+                if !new_ptr.is_null() {
+                    std::ptr::copy_nonoverlapping(ptr, new_ptr, old_size.min(new_size));
+                    self.inner
+                        .dealloc(ptr, Layout::from_size_align_unchecked(old_size + 1, align));
+                    counters::on_realloc(slot, old_size, new_size);
+                    return new_ptr;
+                }
+            }
+            return self.realloc_tagged(ptr, layout, new_size);
+        };
+        if to_arena {
+            let new_ptr = counters::STATE
+                .try_with(|s| arenas::realloc(s, slot, ptr, new_size))
+                .unwrap_or(std::ptr::null_mut());
+            if !new_ptr.is_null() {
+                counters::on_realloc(slot, old_size, new_size);
+                return new_ptr;
+            }
+        }
+        // To the tagged heap, keeping the component.
+        let Some(tagged) = tagged(Layout::from_size_align_unchecked(new_size, align)) else {
+            return std::ptr::null_mut();
+        };
+        let new_ptr = self.inner.alloc(tagged);
+        if new_ptr.is_null() {
+            return new_ptr;
+        }
+        std::ptr::copy_nonoverlapping(ptr, new_ptr, old_size.min(new_size));
+        new_ptr.add(new_size).write(slot);
+        free_placed(slot, ptr, old_size, false);
+        counters::on_realloc(slot, old_size, new_size);
+        new_ptr
+    }
+}
+
+/// Frees an allocation of `slot`'s arena, crediting its bytes back if `count`.
+#[cfg(feature = "jemalloc")]
+#[cold]
+#[inline(never)]
+unsafe fn free_placed(slot: u8, ptr: *mut u8, size: usize, count: bool) {
+    let freed = counters::STATE.try_with(|s| {
+        if count {
+            counters::record_free(s, slot, size);
+        }
+        arenas::free(s, slot, ptr, size);
+    });
+    if freed.is_err() {
+        if count {
+            counters::on_free(slot, size);
+        }
+        arenas::free_without_tcache(ptr, size);
+    }
+}
+
+// SAFETY: a tagged allocation is made, resized and freed by the inner allocator with
+// the tagged layout, its tag byte inside it just past the caller's `layout.size()`
+// bytes. A placed allocation (jemalloc only) is made, resized and freed by jemalloc
+// with the caller's own size; `arenas::slot_of` tells the two apart by address, since
+// only arenas' pages lie in the reserved ranges.
+unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for TrackingAllocator<A> {
+    #[inline(always)]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        #[cfg(feature = "jemalloc")]
+        if places_in_arenas::<A>() && arenas::wants(layout.size(), layout.align()) {
+            return self.alloc_placed(layout, false);
+        }
+        self.alloc_tagged(layout, false)
+    }
+
+    #[inline(always)]
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        #[cfg(feature = "jemalloc")]
+        if places_in_arenas::<A>() && arenas::wants(layout.size(), layout.align()) {
+            return self.alloc_placed(layout, true);
+        }
+        self.alloc_tagged(layout, true)
+    }
+
+    #[inline(always)]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        #[cfg(feature = "jemalloc")]
+        if places_in_arenas::<A>() {
+            if let Some(slot) = arenas::slot_of(ptr) {
+                free_placed(slot, ptr, layout.size(), true);
+                return;
+            }
+        }
+        self.dealloc_tagged(ptr, layout)
+    }
+
+    #[inline(always)]
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        #[cfg(feature = "jemalloc")]
+        if places_in_arenas::<A>() && (arenas::slot_of(ptr).is_some() || arenas::wants(new_size, layout.align())) {
+            return self.realloc_placed(ptr, layout, new_size);
+        }
+        self.realloc_tagged(ptr, layout, new_size)
     }
 }

@@ -53,6 +53,9 @@ pub(crate) struct ThreadState {
     pub(crate) alloc_bytes: Cell<u64>,
     pub(crate) alloc_count: Cell<u64>,
     pub(crate) free_bytes: Cell<u64>,
+    /// The thread's jemalloc tcache per component arena (see `arenas`).
+    #[cfg(feature = "jemalloc")]
+    pub(crate) tcaches: [Cell<u16>; SLOTS],
 }
 
 thread_local! {
@@ -67,6 +70,8 @@ thread_local! {
             alloc_bytes: Cell::new(0),
             alloc_count: Cell::new(0),
             free_bytes: Cell::new(0),
+            #[cfg(feature = "jemalloc")]
+            tcaches: [const { Cell::new(0) }; SLOTS],
         }
     };
     // Its destructor hands the shard back when the thread exits.
@@ -85,8 +90,16 @@ impl Drop for Release {
             if index < OWNED_SHARDS {
                 CLAIMED[index].store(false, std::sync::atomic::Ordering::Release);
             }
+            #[cfg(feature = "jemalloc")]
+            super::arenas::release_thread(&s.tcaches);
         });
     }
+}
+
+/// Whether this thread's exit will run [`Release`] (false once it is exiting).
+#[cfg(feature = "jemalloc")]
+pub(crate) fn thread_teardown_registered() -> bool {
+    RELEASE.try_with(|_| ()).is_ok()
 }
 
 /// Gives the thread a shard of its own if one is free, else the shared one.
@@ -142,26 +155,35 @@ pub(crate) fn on_alloc(size: usize) -> u8 {
     STATE
         .try_with(|s| {
             let slot = s.current.get();
-            let (shard, owned) = shard_of(s);
-            add(&shard.allocated[usize::from(slot)], size as u64, owned);
-            s.alloc_bytes.set(s.alloc_bytes.get().wrapping_add(size as u64));
-            s.alloc_count.set(s.alloc_count.get().wrapping_add(1));
+            record_alloc(s, slot, size);
             slot
         })
         .unwrap_or_else(|_| torn_down(&SHARED_SHARD.allocated[0], size))
 }
 
+/// Records an allocation of `size` bytes attributed to `slot`, in this thread's state.
+#[inline(always)]
+pub(crate) fn record_alloc(s: &ThreadState, slot: u8, size: usize) {
+    let (shard, owned) = shard_of(s);
+    add(&shard.allocated[usize::from(slot)], size as u64, owned);
+    s.alloc_bytes.set(s.alloc_bytes.get().wrapping_add(size as u64));
+    s.alloc_count.set(s.alloc_count.get().wrapping_add(1));
+}
+
 /// Records that `size` bytes allocated by `slot` were freed (by any thread).
 #[inline(always)]
 pub(crate) fn on_free(slot: u8, size: usize) {
-    let recorded = STATE.try_with(|s| {
-        let (shard, owned) = shard_of(s);
-        add(&shard.freed[usize::from(slot)], size as u64, owned);
-        s.free_bytes.set(s.free_bytes.get().wrapping_add(size as u64));
-    });
-    if recorded.is_err() {
+    if STATE.try_with(|s| record_free(s, slot, size)).is_err() {
         torn_down(&SHARED_SHARD.freed[usize::from(slot)], size);
     }
+}
+
+/// Records that `size` bytes allocated by `slot` were freed, in this thread's state.
+#[inline(always)]
+pub(crate) fn record_free(s: &ThreadState, slot: u8, size: usize) {
+    let (shard, owned) = shard_of(s);
+    add(&shard.freed[usize::from(slot)], size as u64, owned);
+    s.free_bytes.set(s.free_bytes.get().wrapping_add(size as u64));
 }
 
 /// Records a reallocation from `old` to `new` bytes of an allocation owned by `slot`.

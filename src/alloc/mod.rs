@@ -34,6 +34,8 @@
 //! ```
 
 mod allocator;
+#[cfg(feature = "jemalloc")]
+mod arenas;
 pub(crate) mod counters;
 #[cfg(feature = "tracing")]
 mod layer;
@@ -46,6 +48,27 @@ pub use layer::ComponentLayer;
 pub use scope::{component, current_component, Component, ComponentFuture, ComponentGuard, InComponent};
 
 pub(crate) use registry::for_each as for_each_component;
+
+/// How many components have a jemalloc arena of their own for their exact-size-class
+/// allocations (see [`TrackingAllocator`]): 0 when the inner allocator is not jemalloc,
+/// when the address-space reservation was refused, or before the first such allocation.
+///
+/// ```
+/// #[global_allocator]
+/// static GLOBAL: memtel::alloc::TrackingAllocator<tikv_jemallocator::Jemalloc> =
+///     memtel::alloc::TrackingAllocator::new(tikv_jemallocator::Jemalloc);
+///
+/// // 64 bytes is a jemalloc size class: a tag byte would cost 16 more.
+/// let buffer = memtel::component("parser").in_scope(|| Vec::<u8>::with_capacity(64));
+/// assert!(memtel::alloc::component_arenas() >= 1);
+/// # drop(buffer);
+/// ```
+pub fn component_arenas() -> usize {
+    #[cfg(feature = "jemalloc")]
+    return arenas::count();
+    #[cfg(not(feature = "jemalloc"))]
+    0
+}
 
 /// Whether the [`TrackingAllocator`] is the global allocator (it has served an allocation).
 pub fn tracking_installed() -> bool {
