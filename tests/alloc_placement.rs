@@ -88,3 +88,71 @@ fn growth_across_placed_and_tagged_sizes_keeps_the_component() {
     drop(buffer);
     assert_eq!(scope.live_bytes(), 0);
 }
+
+#[test]
+fn threads_that_come_and_go_free_each_others_placed_allocations_exactly() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let maker = component("maker");
+    let live_before = maker.live_bytes();
+    // 300 short-lived threads, each freeing what the previous one made after that
+    // thread exited and its tcaches for the arenas were destroyed.
+    let mut handed_over: Vec<Vec<u8>> = Vec::new();
+    for round in 0..300usize {
+        handed_over = std::thread::spawn(move || {
+            drop(handed_over);
+            maker.in_scope(|| (0..20).map(|i| Vec::with_capacity(16 << (i % 8))).collect())
+        })
+        .join()
+        .expect("thread");
+        // The 20 buffers and the vector holding them.
+        let expected: u64 = (0..20).map(|i| 16u64 << (i % 8)).sum::<u64>() + 20 * size_of::<Vec<u8>>() as u64;
+        assert_eq!(maker.live_bytes() - live_before, expected, "round {round}");
+    }
+    drop(handed_over);
+    assert_eq!(maker.live_bytes(), live_before);
+}
+
+/// Run in a child process whose address space is limited (see below).
+const CHILD: &str = "MEMTEL_PLACEMENT_CHILD";
+
+#[test]
+fn without_address_space_for_the_arenas_every_allocation_keeps_its_tag() {
+    if std::env::var_os(CHILD).is_some() {
+        // 64 B now costs the 80 B class: correct attribution, no placement.
+        holds_at_class_size("tagged64", 64, 80);
+        assert_eq!(memtel::alloc::component_arenas(), 0);
+        println!("child: tagged");
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"));
+    child
+        .args([
+            "--exact",
+            "without_address_space_for_the_arenas_every_allocation_keeps_its_tag",
+            "--nocapture",
+        ])
+        .env(CHILD, "1");
+    // SAFETY: setrlimit is async-signal-safe. 64 GiB of address space: plenty for the
+    // test, too little for the arenas' 520 GiB reservation.
+    unsafe {
+        child.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 64 << 30,
+                rlim_max: 64 << 30,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = child.output().expect("run the child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("child: tagged"),
+        "child: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
