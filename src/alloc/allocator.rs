@@ -123,7 +123,8 @@ impl<A: GlobalAlloc> TrackingAllocator<A> {
 
 #[cfg(feature = "jemalloc")]
 impl<A: GlobalAlloc> TrackingAllocator<A> {
-    /// Allocates in the current component's arena, or with a tag if that is unavailable.
+    /// Allocates a size [`arenas::may_want`] in the current component's arena if it is an
+    /// exact class and the arena is available, else with a tag.
     /// Out of line, like the other placed paths, so the tagged path stays small enough
     /// to be inlined into every allocation site. (`cold` only steers inlining and code
     /// layout; the branch itself is predicted at run time.)
@@ -131,6 +132,9 @@ impl<A: GlobalAlloc> TrackingAllocator<A> {
     #[inline(never)]
     unsafe fn alloc_placed(&self, layout: Layout, zeroed: bool) -> *mut u8 {
         let size = layout.size();
+        if !arenas::wants(size, layout.align()) {
+            return self.alloc_tagged(layout, zeroed);
+        }
         let ptr = counters::STATE
             .try_with(|s| {
                 let slot = s.current.get();
@@ -224,7 +228,7 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for TrackingAllocator<A> {
     #[inline(always)]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         #[cfg(feature = "jemalloc")]
-        if places_in_arenas::<A>() && arenas::wants(layout.size(), layout.align()) {
+        if places_in_arenas::<A>() && arenas::may_want(layout.size()) {
             return self.alloc_placed(layout, false);
         }
         self.alloc_tagged(layout, false)
@@ -233,7 +237,7 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for TrackingAllocator<A> {
     #[inline(always)]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         #[cfg(feature = "jemalloc")]
-        if places_in_arenas::<A>() && arenas::wants(layout.size(), layout.align()) {
+        if places_in_arenas::<A>() && arenas::may_want(layout.size()) {
             return self.alloc_placed(layout, true);
         }
         self.alloc_tagged(layout, true)
@@ -254,7 +258,7 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for TrackingAllocator<A> {
     #[inline(always)]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         #[cfg(feature = "jemalloc")]
-        if places_in_arenas::<A>() && (arenas::slot_of(ptr).is_some() || arenas::wants(new_size, layout.align())) {
+        if places_in_arenas::<A>() && (arenas::may_want(new_size) || arenas::slot_of(ptr).is_some()) {
             return self.realloc_placed(ptr, layout, new_size);
         }
         self.realloc_tagged(ptr, layout, new_size)

@@ -96,6 +96,13 @@ pub(crate) fn wants(size: usize, align: usize) -> bool {
     align <= 16 && size & 15 == 0 && size <= PLACED_MAX && size < (size & size.wrapping_neg()) << 3
 }
 
+/// A cheap first test for [`wants`] (false means `wants` is false), small enough to keep
+/// the allocator's common path inlinable: every size `wants` takes is a multiple of 16.
+#[inline(always)]
+pub(crate) fn may_want(size: usize) -> bool {
+    size & 15 == 0
+}
+
 /// Whether [`wants`] picks exactly this jemalloc build's small classes from 16 bytes (it
 /// could differ only with a nonstandard quantum); otherwise arenas stay unused.
 fn wants_matches_jemalloc() -> bool {
