@@ -58,7 +58,15 @@ for root, _dirs, files in os.walk(crit_dir):
         continue
     median = json.load(open(est))["median"]["point_estimate"]
     medians.setdefault(bench["group_id"], {})[bench.get("function_id") or bench["full_id"]] = median
-print(json.dumps({"round": round_no, "medians": medians}))
+memory = {}
+mem_dir = os.path.join(crit_dir, "alloc-memory")
+if os.path.isdir(mem_dir):
+    for f in os.listdir(mem_dir):
+        path = os.path.join(mem_dir, f)
+        if f.endswith(".json") and os.path.getmtime(path) >= since - 1:
+            d = json.load(open(path))
+            memory[d["allocator"]] = d
+print(json.dumps({"round": round_no, "medians": medians, "memory": memory}))
 PY
 }
 
@@ -156,31 +164,32 @@ if m:
 else:
     print("span/enter_exit: no fresh results\n")
 
-mem = {}
-mem_dir = os.path.join(crit_dir, "alloc-memory")
-if os.path.isdir(mem_dir):
-    for f in sorted(os.listdir(mem_dir)):
-        path = os.path.join(mem_dir, f)
-        if f.endswith(".json") and fresh(path):
-            d = json.load(open(path))
-            mem[d["allocator"]] = d
-if mem:
+# Memory figures: each allocator bench measures its data set once per round.
+mem_rounds = [r.get("memory", {}) for r in rounds]
+mem_rounds = [m for m in mem_rounds if m]
+if mem_rounds:
     mib = lambda v: f"{v / 2**20:.2f} MiB"
-    base = mem.get("jemalloc")
-    recs = next(iter(mem.values()))["records"]
-    print(f"memory: a realistic data set of {recs} records kept (deltas of jemalloc stats, epoch advanced)")
-    print(f"  {'allocator':<16} {'allocated':>12} {'resident':>12} {'tracked':>12} {'allocated ÷':>12} {'resident ÷':>11}")
+    recs = next(iter(mem_rounds[0].values()))["records"]
+    print(f"memory: a realistic data set of {recs} records kept (deltas of jemalloc stats, epoch advanced),")
+    print(f"  median over {len(mem_rounds)} rounds of each figure, and of each round's ratio (min–max)")
+    print(f"  {'allocator':<16} {'allocated':>12} {'resident':>12} {'tracked':>12} {'allocated ÷':>22} {'resident ÷':>22}")
+    extra = None
     for name in ("jemalloc", "memtel", "tracking_crate"):
-        if name not in mem:
+        ds = [m[name] for m in mem_rounds if name in m]
+        if not ds:
             continue
-        d = mem[name]
-        ra = f"{d['allocated_delta'] / base['allocated_delta']:.4f}×" if base else "-"
-        rr = f"{d['resident_delta'] / base['resident_delta']:.4f}×" if base else "-"
-        tracked = mib(d["tracked_delta"]) if d.get("tracked_delta") is not None else "-"
-        print(f"  {name:<16} {mib(d['allocated_delta']):>12} {mib(d['resident_delta']):>12} {tracked:>12} {ra:>12} {rr:>11}")
-    if base and "memtel" in mem:
-        extra = mem["memtel"]["resident_delta"] / base["resident_delta"] - 1
-        verdict("memtel extra resident from tags ≤ 3%", extra <= 0.03, f"{extra * 100:+.2f}%")
+        cells = []
+        for key in ("allocated_delta", "resident_delta"):
+            rs = [m[name][key] / m["jemalloc"][key] for m in mem_rounds if name in m and "jemalloc" in m]
+            cells.append(f"{median(rs):.4f}× ({min(rs):.3f}–{max(rs):.3f})" if rs else "-")
+            if name == "memtel" and key == "resident_delta" and rs:
+                extra = median(rs) - 1
+        tracked = [d["tracked_delta"] for d in ds if d.get("tracked_delta") is not None]
+        print(f"  {name:<16} {mib(median([d['allocated_delta'] for d in ds])):>12} "
+              f"{mib(median([d['resident_delta'] for d in ds])):>12} "
+              f"{mib(median(tracked)) if tracked else '-':>12} {cells[0]:>22} {cells[1]:>22}")
+    if extra is not None:
+        verdict(f"memtel extra resident from tags ≤ 3% (median of {len(mem_rounds)} rounds)", extra <= 0.03, f"{extra * 100:+.2f}%")
     print()
 else:
     print("memory: no fresh figures\n")

@@ -133,13 +133,13 @@ fn without_address_space_for_the_arenas_every_allocation_keeps_its_tag() {
             "--nocapture",
         ])
         .env(CHILD, "1");
-    // SAFETY: setrlimit is async-signal-safe. 64 GiB of address space: plenty for the
-    // test, too little for the arenas' 520 GiB reservation.
+    // SAFETY: setrlimit is async-signal-safe. 32 GiB of address space: plenty for the
+    // test, too little for the arenas' 64 GiB reservation.
     unsafe {
         child.pre_exec(|| {
             let limit = libc::rlimit {
-                rlim_cur: 64 << 30,
-                rlim_max: 64 << 30,
+                rlim_cur: 32 << 30,
+                rlim_max: 32 << 30,
             };
             if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
                 return Err(std::io::Error::last_os_error());

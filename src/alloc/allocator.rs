@@ -19,12 +19,12 @@ use super::counters;
 /// whole class step when the request is exactly a class size — which Rust's doubling
 /// growth of `Vec` and `String` hits often (about 40 % of the allocations of a
 /// serde_json/HashMap workload). So over jemalloc (`A` = `tikv_jemallocator::Jemalloc`,
-/// feature `jemalloc`), exact-class requests carry no tag: they are served by a jemalloc
-/// arena of their component's own whose pages come from an address range reserved for
-/// that component, and a free finds the component from the address. That brings the
-/// memory cost of attribution from about 6 % to about 2 % (BENCHMARKS.md). It reserves
-/// 65 × 8 GiB of address space (`PROT_NONE`, no memory) on first use; where that is
-/// refused, the tag is used for every allocation.
+/// feature `jemalloc`), small exact-class requests carry no tag: they are served by a
+/// jemalloc arena of their component's own, whose pages come from chunks of a reserved
+/// address range recorded as that component's, and a free finds the component from the
+/// address. That brings the memory cost of attribution from about 6 % to about 2 %
+/// (BENCHMARKS.md). It reserves 64 GiB of address space (`PROT_NONE`, no memory) on first
+/// use; where that is refused, every allocation is tagged.
 ///
 /// A `realloc` keeps the allocation's component: a buffer belongs to whoever created
 /// it, wherever it grows. Counters are sharded per thread (see the crate docs).

@@ -6,18 +6,18 @@
 //! doubling growth of `Vec` and `String` lands on class sizes often (about 40 % of the
 //! allocations of the realistic benchmark workload). Small ones (16 B to 14 KiB, see
 //! [`wants`]) go instead to a jemalloc arena of their component's own, whose memory comes
-//! from an address range reserved for that component: the address names the component,
-//! so they carry no tag.
+//! from chunks of a reserved address range recorded as that component's: the address names
+//! the component, so they carry no tag.
 //!
-//! One `PROT_NONE` reservation of [`SLOTS`] × 8 GiB of address space is made on first use
-//! (no memory: pages are made accessible as the arenas take them). Slot `k`'s arena takes
-//! pages from `[base + k·8 GiB, base + (k+1)·8 GiB)` by bumping a pointer; jemalloc retains
-//! and reuses what it was given and returns unused pages to the kernel with `madvise`, as it
+//! One `PROT_NONE` reservation of 64 GiB of address space is made on first use (no memory:
+//! pages are made accessible as the arenas take them). The arenas take it in 2 MiB chunks
+//! by bumping one pointer, and a table records which arena owns each chunk; jemalloc
+//! retains and reuses what it was given and returns unused pages to the kernel with `madvise`, as it
 //! does for its own arenas. Each thread uses one explicit tcache per arena it touches: the
 //! thread's automatic tcache would hand out whatever any arena last freed into it.
 //!
 //! Whatever cannot be done — the reservation refused (e.g. by `RLIMIT_AS`), an arena or a
-//! tcache not created, a slot's range used up — falls back to the tag, which is always right.
+//! tcache not created, the reservation used up — falls back to the tag, which is always right.
 
 use std::cell::{Cell, UnsafeCell};
 use std::ffi::{c_uint, c_void, CStr};
@@ -27,11 +27,14 @@ use tikv_jemalloc_sys as sys;
 
 use super::counters::{self, ThreadState, SLOTS};
 
-/// Address space per slot: 8 GiB of exact-class allocations per component (beyond
-/// that, its allocations carry tags again).
-const RANGE_SHIFT: u32 = 33;
-const RANGE: usize = 1 << RANGE_SHIFT;
-const TOTAL: usize = SLOTS << RANGE_SHIFT;
+/// The reservation: 64 GiB of address space, shared by every arena and handed out in
+/// 2 MiB chunks, each recorded in [`CHUNK_SLOT`] as its arena's slot. (Dense, so the
+/// arenas share jemalloc's page-map nodes; past 64 GiB of placed allocations, new
+/// allocations carry tags again.)
+const TOTAL: usize = 64 << 30;
+const CHUNK_SHIFT: u32 = 21;
+const CHUNK: usize = 1 << CHUNK_SHIFT;
+const CHUNKS: usize = TOTAL >> CHUNK_SHIFT;
 
 /// Until the reservation exists `BASE` holds an address no user pointer is within
 /// `TOTAL` of (the kernel's half), so [`slot_of`] is false for every pointer.
@@ -48,8 +51,11 @@ static RESERVATION: AtomicU8 = AtomicU8::new(UNTRIED);
 static ARENAS: [AtomicU32; SLOTS] = [const { AtomicU32::new(0) }; SLOTS];
 const BUSY: u32 = u32::MAX;
 const FAILED: u32 = u32::MAX - 1;
-/// Per slot: how much of its range its arena has taken.
-static TAKEN: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
+/// How much of the reservation the arenas have taken, in bytes.
+static TAKEN: AtomicUsize = AtomicUsize::new(0);
+/// The slot whose arena owns each chunk of the reservation (32 KiB; untouched entries
+/// cost no memory).
+static CHUNK_SLOT: [AtomicU8; CHUNKS] = [const { AtomicU8::new(0) }; CHUNKS];
 
 /// A thread's tcache for a slot, in `ThreadState::tcaches`: 0 none yet,
 /// [`NO_TCACHE`] go without one, else the tcache index + 1.
@@ -113,11 +119,19 @@ fn wants_matches_jemalloc() -> bool {
     })
 }
 
-/// The slot whose range holds `ptr`, if any.
+/// The slot whose arena placed `ptr`, if an arena did.
+///
+/// The chunk's entry was written before its arena returned any pointer into it, and a
+/// pointer reaches the thread freeing it through whatever synchronization handed it
+/// over, so a relaxed load sees the entry.
 #[inline(always)]
 pub(crate) fn slot_of(ptr: *mut u8) -> Option<u8> {
     let offset = (ptr as usize).wrapping_sub(BASE.load(Relaxed));
-    (offset < TOTAL).then_some((offset >> RANGE_SHIFT) as u8)
+    if offset < TOTAL {
+        Some(CHUNK_SLOT[offset >> CHUNK_SHIFT].load(Relaxed))
+    } else {
+        None
+    }
 }
 
 /// Allocates `size` bytes (an exact class, see [`wants`]) in `slot`'s arena; null if the
@@ -131,7 +145,7 @@ pub(crate) unsafe fn alloc(state: &ThreadState, slot: u8, size: usize, zeroed: b
     sys::mallocx(size, flags).cast()
 }
 
-/// Frees an allocation [`slot_of`] placed in `slot`'s range.
+/// Frees an allocation [`slot_of`] says `slot`'s arena placed.
 #[inline(always)]
 pub(crate) unsafe fn free(state: &ThreadState, slot: u8, ptr: *mut u8, size: usize) {
     // An arena that served an allocation exists, so only the tcache can be missing, and
@@ -173,7 +187,7 @@ fn flags_for(state: &ThreadState, slot: u8, with_arena: bool) -> Option<i32> {
     Some(arena | tcache)
 }
 
-/// Creates `slot`'s arena over its address range. Another thread creating it meanwhile
+/// Creates `slot`'s arena, its pages taken from the reservation. Another thread creating it meanwhile
 /// makes this allocation use the tag.
 #[cold]
 #[inline(never)]
@@ -304,7 +318,7 @@ pub(crate) unsafe fn free_without_tcache(ptr: *mut u8, size: usize) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Extent hooks: each slot's arena gets its pages from the slot's range.
+// Extent hooks: each slot's arena takes its pages from the reservation, in whole chunks.
 
 /// The slot a hook table belongs to.
 fn hook_slot(hooks: *mut sys::extent_hooks_t) -> usize {
@@ -325,18 +339,29 @@ unsafe extern "C" fn hook_alloc(
         return std::ptr::null_mut();
     }
     let slot = hook_slot(hooks);
-    let start = BASE.load(Acquire) + (slot << RANGE_SHIFT);
-    let mut taken = TAKEN[slot].load(Relaxed);
+    let base = BASE.load(Acquire);
+    // Whole chunks, so every chunk belongs to one arena.
+    let Some(size) = size.checked_next_multiple_of(CHUNK) else {
+        return std::ptr::null_mut();
+    };
+    let alignment = alignment.max(CHUNK);
+    let mut taken = TAKEN.load(Relaxed);
     let address = loop {
-        let address = (start + taken).next_multiple_of(alignment);
-        let Some(end) = address.checked_add(size).filter(|&end| end <= start + RANGE) else {
+        let Some(address) = (base + taken).checked_next_multiple_of(alignment) else {
             return std::ptr::null_mut();
         };
-        match TAKEN[slot].compare_exchange_weak(taken, end - start, Relaxed, Relaxed) {
+        let Some(end) = address.checked_add(size).filter(|&end| end <= base + TOTAL) else {
+            return std::ptr::null_mut();
+        };
+        match TAKEN.compare_exchange_weak(taken, end - base, Relaxed, Relaxed) {
             Ok(_) => break address,
             Err(now) => taken = now,
         }
     };
+    let first = (address - base) >> CHUNK_SHIFT;
+    for entry in &CHUNK_SLOT[first..first + (size >> CHUNK_SHIFT)] {
+        entry.store(slot as u8, Relaxed);
+    }
     // SAFETY: the pages lie inside the reservation and belong to this extent alone.
     if libc::mprotect(address as *mut c_void, size, libc::PROT_READ | libc::PROT_WRITE) != 0 {
         return std::ptr::null_mut();
@@ -457,7 +482,7 @@ mod tests {
     }
 
     #[test]
-    fn no_pointer_is_in_a_range_before_the_reservation() {
+    fn no_pointer_is_placed_before_the_reservation() {
         if RESERVATION.load(Relaxed) == UNTRIED {
             let local = 0u8;
             assert_eq!(slot_of((&raw const local).cast_mut()), None);
