@@ -223,7 +223,7 @@ unsafe fn free_placed(slot: u8, ptr: *mut u8, size: usize, count: bool) {
 // the tagged layout, its tag byte inside it just past the caller's `layout.size()`
 // bytes. A placed allocation (jemalloc only) is made, resized and freed by jemalloc
 // with the caller's own size; `arenas::slot_of` tells the two apart by address, since
-// only arenas' pages lie in the reserved ranges.
+// only arenas' pages lie in the reserved range.
 unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for TrackingAllocator<A> {
     #[inline(always)]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
