@@ -17,31 +17,28 @@ const BUFFERS: usize = 50_000;
 /// The tests measure process-wide figures: one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// jemalloc's `stats.allocated` grows by `BUFFERS` × `class` while `BUFFERS` buffers of
-/// `capacity` bytes are held in `name`, and the component's live bytes by exactly
-/// `BUFFERS` × `capacity`.
+/// Each of `BUFFERS` buffers of `capacity` bytes held in `name` takes exactly `class`
+/// bytes by jemalloc's own account (`sallocx`: the usable size of the allocation, its
+/// size class), and the component's live bytes grow by exactly `BUFFERS` × `capacity`.
 fn holds_at_class_size(name: &str, capacity: usize, class: usize) {
     let scope = component(name);
     let live_before = scope.live_bytes();
-    let mut outer = Vec::with_capacity(BUFFERS); // outside the component, made first
-    let (allocated_before, _) = process::jemalloc_allocated_resident();
-    scope.in_scope(|| {
-        for _ in 0..BUFFERS {
-            outer.push(Vec::<u8>::with_capacity(capacity));
-        }
-    });
-    let (allocated_after, _) = process::jemalloc_allocated_resident();
-    let grown = allocated_after - allocated_before;
-    let expected = (BUFFERS * class) as u64;
-    // jemalloc counts objects cached in thread caches as allocated, and the process frees
-    // a little meanwhile: a few hundred objects either way. A tag costing a class step
-    // would be +25 % (64 → 80 B, 128 → 160 B).
-    assert!(
-        grown.abs_diff(expected) <= expected / 50,
-        "{name}: {BUFFERS} × {capacity} B grew jemalloc's allocated by {grown}, expected {expected} ({class} B each)"
+    let buffers: Vec<Vec<u8>> = scope.in_scope(|| (0..BUFFERS).map(|_| Vec::with_capacity(capacity)).collect());
+    for buffer in &buffers {
+        // SAFETY: a live allocation of the global allocator (jemalloc underneath).
+        let usable = unsafe { tikv_jemalloc_sys::sallocx(buffer.as_ptr().cast_mut().cast(), 0) };
+        assert_eq!(
+            usable, class,
+            "{name}: a {capacity} B buffer takes {usable} B, expected its {class} B class"
+        );
+    }
+    let outer = BUFFERS * size_of::<Vec<u8>>();
+    assert_eq!(
+        scope.live_bytes() - live_before,
+        (BUFFERS * capacity + outer) as u64,
+        "{name}"
     );
-    assert_eq!(scope.live_bytes() - live_before, (BUFFERS * capacity) as u64, "{name}");
-    drop(outer);
+    drop(buffers);
     assert_eq!(scope.live_bytes(), live_before, "{name}: freed");
 }
 
@@ -154,5 +151,23 @@ fn without_address_space_for_the_arenas_every_allocation_keeps_its_tag() {
         "child: {}\n{stdout}\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn purging_returns_placed_pages_to_the_kernel() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let scope = component("purged");
+    // 24 MiB of 4 KiB buffers (an exact class: placed), each page touched.
+    let buffers: Vec<Vec<u8>> = scope.in_scope(|| (0..6144).map(|_| vec![1u8; 4096]).collect());
+    assert!(memtel::alloc::component_arenas() >= 1, "4 KiB buffers were not placed");
+    let (_, resident_held) = process::jemalloc_allocated_resident();
+    drop(buffers);
+    assert!(memtel::purge_jemalloc(), "arena.<all>.purge failed");
+    let (_, resident_purged) = process::jemalloc_allocated_resident();
+    // jemalloc counts pages its purge hook (madvise) returned as no longer resident.
+    assert!(
+        resident_held.saturating_sub(resident_purged) >= 20 << 20,
+        "resident {resident_held} → {resident_purged} after freeing 24 MiB of placed buffers and purging"
     );
 }

@@ -74,10 +74,10 @@ static HOOKS: [SlotHooks; SLOTS] = [const {
         alloc: Some(hook_alloc),
         dalloc: Some(hook_dalloc),
         destroy: Some(hook_destroy),
-        commit: Some(hook_commit),
-        decommit: Some(hook_decommit),
-        purge_lazy: Some(hook_purge_lazy),
-        purge_forced: Some(hook_purge_forced),
+        commit: Some(hook_answer::<false>),
+        decommit: Some(hook_answer::<true>),
+        purge_lazy: Some(hook_purge::<{ libc::MADV_FREE }>),
+        purge_forced: Some(hook_purge::<{ libc::MADV_DONTNEED }>),
         split: Some(hook_split),
         merge: Some(hook_merge),
     }))
@@ -393,8 +393,9 @@ unsafe extern "C" fn hook_destroy(
 ) {
 }
 
-/// Pages stay accessible from allocation on: always committed.
-unsafe extern "C" fn hook_commit(
+/// `commit` answers false ("committed": pages stay accessible from allocation on) and
+/// `decommit` true ("declined": jemalloc purges instead).
+unsafe extern "C" fn hook_answer<const ANSWER: bool>(
     _hooks: *mut sys::extent_hooks_t,
     _addr: *mut c_void,
     _size: usize,
@@ -402,22 +403,12 @@ unsafe extern "C" fn hook_commit(
     _length: usize,
     _arena: c_uint,
 ) -> bool {
-    false
+    ANSWER
 }
 
-/// Declines: jemalloc purges instead.
-unsafe extern "C" fn hook_decommit(
-    _hooks: *mut sys::extent_hooks_t,
-    _addr: *mut c_void,
-    _size: usize,
-    _offset: usize,
-    _length: usize,
-    _arena: c_uint,
-) -> bool {
-    true
-}
-
-unsafe extern "C" fn hook_purge_lazy(
+/// `purge_lazy` (`MADV_FREE`) and `purge_forced` (`MADV_DONTNEED`: the pages read as
+/// zeros afterwards); false on success.
+unsafe extern "C" fn hook_purge<const ADVICE: i32>(
     _hooks: *mut sys::extent_hooks_t,
     addr: *mut c_void,
     _size: usize,
@@ -425,18 +416,7 @@ unsafe extern "C" fn hook_purge_lazy(
     length: usize,
     _arena: c_uint,
 ) -> bool {
-    libc::madvise(addr.cast::<u8>().add(offset).cast(), length, libc::MADV_FREE) != 0
-}
-
-unsafe extern "C" fn hook_purge_forced(
-    _hooks: *mut sys::extent_hooks_t,
-    addr: *mut c_void,
-    _size: usize,
-    offset: usize,
-    length: usize,
-    _arena: c_uint,
-) -> bool {
-    libc::madvise(addr.cast::<u8>().add(offset).cast(), length, libc::MADV_DONTNEED) != 0
+    libc::madvise(addr.cast::<u8>().add(offset).cast(), length, ADVICE) != 0
 }
 
 /// Extents are plain address ranges: splitting needs nothing.
