@@ -138,7 +138,7 @@ pub(crate) fn slot_of(ptr: *mut u8) -> Option<u8> {
 /// arena path is unavailable, in which case the caller uses the tag.
 #[inline(always)]
 pub(crate) unsafe fn alloc(state: &ThreadState, slot: u8, size: usize, zeroed: bool) -> *mut u8 {
-    let Some(flags) = flags_for(state, slot, true) else {
+    let Some(flags) = alloc_flags(state, slot) else {
         return std::ptr::null_mut();
     };
     let flags = if zeroed { flags | sys::MALLOCX_ZERO } else { flags };
@@ -148,43 +148,41 @@ pub(crate) unsafe fn alloc(state: &ThreadState, slot: u8, size: usize, zeroed: b
 /// Frees an allocation [`slot_of`] says `slot`'s arena placed.
 #[inline(always)]
 pub(crate) unsafe fn free(state: &ThreadState, slot: u8, ptr: *mut u8, size: usize) {
-    // An arena that served an allocation exists, so only the tcache can be missing, and
-    // without one jemalloc frees directly to the arena.
-    let flags = flags_for(state, slot, false).unwrap_or(sys::MALLOCX_TCACHE_NONE);
-    sys::sdallocx(ptr.cast(), size, flags);
+    // jemalloc finds the arena from the pointer: only the tcache needs naming.
+    sys::sdallocx(ptr.cast(), size, tcache_flag(state, slot));
 }
 
 /// Resizes an allocation of `slot`'s arena to `new_size` (an exact class) within the
 /// same arena; null if that failed (the allocation is then untouched).
 #[inline(always)]
 pub(crate) unsafe fn realloc(state: &ThreadState, slot: u8, ptr: *mut u8, new_size: usize) -> *mut u8 {
-    match flags_for(state, slot, true) {
+    match alloc_flags(state, slot) {
         Some(flags) => sys::rallocx(ptr.cast(), new_size, flags).cast(),
         None => std::ptr::null_mut(),
     }
 }
 
-/// `mallocx` flags for `slot`'s arena with this thread's tcache for it, creating either
-/// on first use; `None` if the arena does not exist and cannot be created.
+/// `mallocx` flags for `slot`'s arena and this thread's tcache for it, creating either on
+/// first use; `None` if the arena does not exist and cannot be created.
 #[inline(always)]
-fn flags_for(state: &ThreadState, slot: u8, with_arena: bool) -> Option<i32> {
-    let slot = usize::from(slot);
-    let arena = match ARENAS[slot].load(Acquire) {
-        0 => create_arena(slot)?,
+fn alloc_flags(state: &ThreadState, slot: u8) -> Option<i32> {
+    let arena = match ARENAS[usize::from(slot)].load(Acquire) {
+        0 => create_arena(usize::from(slot))?,
         BUSY | FAILED => return None,
         index => index - 1,
     };
-    let tcache = match state.tcaches[slot].get() {
-        0 => create_tcache(state, slot),
+    Some(sys::MALLOCX_ARENA(arena as usize) | tcache_flag(state, slot))
+}
+
+/// The flag naming this thread's tcache for `slot`'s arena (created on first use), or
+/// going without one.
+#[inline(always)]
+fn tcache_flag(state: &ThreadState, slot: u8) -> i32 {
+    match state.tcaches[usize::from(slot)].get() {
+        0 => create_tcache(state, usize::from(slot)),
         NO_TCACHE => sys::MALLOCX_TCACHE_NONE,
         index => sys::MALLOCX_TCACHE(usize::from(index - 1)),
-    };
-    let arena = if with_arena {
-        sys::MALLOCX_ARENA(arena as usize)
-    } else {
-        0
-    };
-    Some(arena | tcache)
+    }
 }
 
 /// Creates `slot`'s arena, its pages taken from the reservation. Another thread creating it meanwhile
