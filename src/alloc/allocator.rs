@@ -3,9 +3,9 @@
 
 use std::alloc::{GlobalAlloc, Layout};
 
-#[cfg(feature = "jemalloc")]
-use super::arenas;
 use super::counters;
+#[cfg(feature = "jemalloc")]
+use super::{arenas, bins, classes};
 
 /// A `#[global_allocator]` wrapper that attributes every heap byte to a component.
 ///
@@ -123,22 +123,15 @@ impl<A: GlobalAlloc> TrackingAllocator<A> {
 
 #[cfg(feature = "jemalloc")]
 impl<A: GlobalAlloc> TrackingAllocator<A> {
-    /// Allocates a size [`arenas::may_want`] in the current component's arena if it is an
-    /// exact class and the arena is available, else with a tag.
-    /// Out of line, like the other placed paths, so the tagged path stays small enough
-    /// to be inlined into every allocation site. (`cold` only steers inlining and code
-    /// layout; the branch itself is predicted at run time.)
-    #[cold]
-    #[inline(never)]
-    unsafe fn alloc_placed(&self, layout: Layout, zeroed: bool) -> *mut u8 {
+    /// Allocates a small layout (`class`) from the current component's cache of its
+    /// arena's regions, or with a tag if placement is unavailable.
+    #[inline(always)]
+    unsafe fn alloc_placed(&self, layout: Layout, class: usize, zeroed: bool) -> *mut u8 {
         let size = layout.size();
-        if !arenas::wants(size, layout.align()) {
-            return self.alloc_tagged(layout, zeroed);
-        }
         let ptr = counters::STATE
             .try_with(|s| {
                 let slot = s.current.get();
-                let ptr = arenas::alloc(s, slot, size, zeroed);
+                let ptr = bins::take(s, slot, class);
                 if !ptr.is_null() {
                     counters::record_alloc(s, slot, size);
                 }
@@ -146,90 +139,125 @@ impl<A: GlobalAlloc> TrackingAllocator<A> {
             })
             .unwrap_or(std::ptr::null_mut());
         if ptr.is_null() {
-            return self.alloc_tagged(layout, zeroed);
+            return self.alloc_tagged_outlined(layout, zeroed);
+        }
+        if zeroed {
+            ptr.write_bytes(0, size);
         }
         ptr
     }
 
-    /// `realloc` when allocations may be placed: an allocation whose new size is an
-    /// exact class moves to (or stays in) its component's arena, any other size to (or
-    /// in) the tagged heap. Its component never changes.
-    #[cold]
+    /// [`alloc_tagged`](Self::alloc_tagged) over jemalloc, out of line: tags are for
+    /// large allocations, alignments above a page, and small allocations where placement
+    /// is unavailable.
+    #[inline(never)]
+    unsafe fn alloc_tagged_outlined(&self, layout: Layout, zeroed: bool) -> *mut u8 {
+        let Some(tagged) = tagged(layout) else {
+            return std::ptr::null_mut();
+        };
+        if classes::placed_class(tagged.size(), tagged.align()).is_none() {
+            // Large: jemalloc's own path (its tcache caches large sizes apart).
+            return self.alloc_tagged(layout, zeroed);
+        }
+        let ptr = small_tagged(tagged, zeroed);
+        if !ptr.is_null() {
+            ptr.add(layout.size()).write(counters::on_alloc(layout.size()));
+        }
+        ptr
+    }
+
+    #[inline(never)]
+    unsafe fn dealloc_tagged_outlined(&self, ptr: *mut u8, layout: Layout) {
+        self.dealloc_tagged(ptr, layout)
+    }
+
+    /// `realloc` when allocations may be placed: a small new size moves the allocation
+    /// to (or keeps it in) a region of its component's arena, a large one to (or in) the
+    /// tagged heap. Its component never changes.
     #[inline(never)]
     unsafe fn realloc_placed(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         let (old_size, align) = (layout.size(), layout.align());
-        let to_arena = arenas::wants(new_size, align);
+        let new_class = classes::placed_class(new_size, align);
         let Some(slot) = arenas::slot_of(ptr) else {
-            if to_arena {
+            if let Some(class) = new_class {
                 let slot = ptr.add(old_size).read();
-                let new_ptr = counters::STATE
-                    .try_with(|s| arenas::alloc(s, slot, new_size, false))
-                    .unwrap_or(std::ptr::null_mut());
-                if !new_ptr.is_null() {
-                    std::ptr::copy_nonoverlapping(ptr, new_ptr, old_size.min(new_size));
-                    self.inner
-                        .dealloc(ptr, Layout::from_size_align_unchecked(old_size + 1, align));
-                    counters::on_realloc(slot, old_size, new_size);
-                    return new_ptr;
+                let mut new_ptr = bins::take_anywhere(slot, class);
+                if new_ptr.is_null() {
+                    // Placement unavailable: a small tagged allocation.
+                    let new_layout = Layout::from_size_align_unchecked(new_size, align);
+                    new_ptr = tagged(new_layout).map_or(std::ptr::null_mut(), |t| small_tagged(t, false));
+                    if new_ptr.is_null() {
+                        return new_ptr;
+                    }
+                    new_ptr.add(new_size).write(slot);
                 }
-            }
-            return self.realloc_tagged(ptr, layout, new_size);
-        };
-        if to_arena {
-            let new_ptr = counters::STATE
-                .try_with(|s| arenas::realloc(s, slot, ptr, new_size))
-                .unwrap_or(std::ptr::null_mut());
-            if !new_ptr.is_null() {
+                std::ptr::copy_nonoverlapping(ptr, new_ptr, old_size.min(new_size));
+                self.inner
+                    .dealloc(ptr, Layout::from_size_align_unchecked(old_size + 1, align));
                 counters::on_realloc(slot, old_size, new_size);
                 return new_ptr;
             }
-        }
-        // To the tagged heap, keeping the component.
-        let Some(tagged) = tagged(Layout::from_size_align_unchecked(new_size, align)) else {
+            return self.realloc_tagged(ptr, layout, new_size);
+        };
+        // A placed allocation's layout always has a class.
+        let Some(old_class) = classes::placed_class(old_size, align) else {
             return std::ptr::null_mut();
         };
-        let new_ptr = self.inner.alloc(tagged);
+        if new_class == Some(old_class) {
+            // The region holds any size of its class.
+            counters::on_realloc(slot, old_size, new_size);
+            return ptr;
+        }
+        let new_ptr = match new_class {
+            Some(class) => bins::take_anywhere(slot, class),
+            None => match tagged(Layout::from_size_align_unchecked(new_size, align)) {
+                Some(tagged) => {
+                    let new_ptr = self.inner.alloc(tagged);
+                    if !new_ptr.is_null() {
+                        new_ptr.add(new_size).write(slot);
+                    }
+                    new_ptr
+                }
+                None => std::ptr::null_mut(),
+            },
+        };
         if new_ptr.is_null() {
             return new_ptr;
         }
         std::ptr::copy_nonoverlapping(ptr, new_ptr, old_size.min(new_size));
-        new_ptr.add(new_size).write(slot);
-        free_placed(slot, ptr, old_size, false);
+        bins::give_anywhere(slot, old_class, ptr);
         counters::on_realloc(slot, old_size, new_size);
         new_ptr
     }
 }
 
-/// Frees an allocation of `slot`'s arena, crediting its bytes back if `count`.
+/// A small tagged allocation over jemalloc, bypassing the thread's automatic tcache, whose
+/// small bins take freed placed regions (see `bins`) and must never hand them out.
 #[cfg(feature = "jemalloc")]
 #[cold]
-#[inline(never)]
-unsafe fn free_placed(slot: u8, ptr: *mut u8, size: usize, count: bool) {
-    let freed = counters::STATE.try_with(|s| {
-        if count {
-            counters::record_free(s, slot, size);
-        }
-        arenas::free(s, slot, ptr, size);
-    });
-    if freed.is_err() {
-        if count {
-            counters::on_free(slot, size);
-        }
-        arenas::free_without_tcache(ptr, size);
+unsafe fn small_tagged(tagged: Layout, zeroed: bool) -> *mut u8 {
+    use tikv_jemalloc_sys as sys;
+    let mut flags = sys::MALLOCX_LG_ALIGN(tagged.align().trailing_zeros() as usize) | sys::MALLOCX_TCACHE_NONE;
+    if zeroed {
+        flags |= sys::MALLOCX_ZERO;
     }
+    sys::mallocx(tagged.size(), flags).cast()
 }
 
 // SAFETY: a tagged allocation is made, resized and freed by the inner allocator with
 // the tagged layout, its tag byte inside it just past the caller's `layout.size()`
-// bytes. A placed allocation (jemalloc only) is made, resized and freed by jemalloc
-// with the caller's own size; `arenas::slot_of` tells the two apart by address, since
-// only arenas' pages lie in the reserved range.
+// bytes. A placed allocation (jemalloc only) is a region of its layout's size class in
+// its component's arena, served and taken back by `bins`; `arenas::slot_of` tells the
+// two apart by address, since only arenas' pages lie in the reserved range.
 unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for TrackingAllocator<A> {
     #[inline(always)]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         #[cfg(feature = "jemalloc")]
-        if places_in_arenas::<A>() && arenas::may_want(layout.size()) {
-            return self.alloc_placed(layout, false);
+        if places_in_arenas::<A>() {
+            return match classes::placed_class(layout.size(), layout.align()) {
+                Some(class) => self.alloc_placed(layout, class, false),
+                None => self.alloc_tagged_outlined(layout, false),
+            };
         }
         self.alloc_tagged(layout, false)
     }
@@ -237,8 +265,11 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for TrackingAllocator<A> {
     #[inline(always)]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         #[cfg(feature = "jemalloc")]
-        if places_in_arenas::<A>() && arenas::may_want(layout.size()) {
-            return self.alloc_placed(layout, true);
+        if places_in_arenas::<A>() {
+            return match classes::placed_class(layout.size(), layout.align()) {
+                Some(class) => self.alloc_placed(layout, class, true),
+                None => self.alloc_tagged_outlined(layout, true),
+            };
         }
         self.alloc_tagged(layout, true)
     }
@@ -247,10 +278,24 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for TrackingAllocator<A> {
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         #[cfg(feature = "jemalloc")]
         if places_in_arenas::<A>() {
-            if let Some(slot) = arenas::slot_of(ptr) {
-                free_placed(slot, ptr, layout.size(), true);
-                return;
+            match arenas::slot_of(ptr) {
+                Some(slot) => {
+                    // A placed allocation's layout always has a class.
+                    if let Some(class) = classes::placed_class(layout.size(), layout.align()) {
+                        let size = layout.size();
+                        let freed = counters::STATE.try_with(|s| {
+                            counters::record_free(s, slot, size);
+                            bins::give(s, slot, class, ptr);
+                        });
+                        if freed.is_err() {
+                            counters::on_free(slot, size);
+                            bins::give_anywhere(slot, class, ptr);
+                        }
+                    }
+                }
+                None => self.dealloc_tagged_outlined(ptr, layout),
             }
+            return;
         }
         self.dealloc_tagged(ptr, layout)
     }
@@ -258,7 +303,7 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for TrackingAllocator<A> {
     #[inline(always)]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         #[cfg(feature = "jemalloc")]
-        if places_in_arenas::<A>() && (arenas::may_want(new_size) || arenas::slot_of(ptr).is_some()) {
+        if places_in_arenas::<A>() {
             return self.realloc_placed(ptr, layout, new_size);
         }
         self.realloc_tagged(ptr, layout, new_size)

@@ -1,31 +1,30 @@
-//! Per-component jemalloc arenas, for the allocations a tag byte would push into a bigger
-//! size class.
+//! Per-component jemalloc arenas: an allocation's address names its component.
 //!
-//! A request of exactly a jemalloc size class (16, 32, 48, 64, 80, …, 128, 160, …) has no
-//! room for the tag: one byte more takes the next class, 12.5–25 % more memory. Rust's
-//! doubling growth of `Vec` and `String` lands on class sizes often (about 40 % of the
-//! allocations of the realistic benchmark workload). Small ones (16 B to 14 KiB, see
-//! [`wants`]) go instead to a jemalloc arena of their component's own, whose memory comes
-//! from chunks of a reserved address range recorded as that component's: the address names
-//! the component, so they carry no tag.
+//! Small allocations (up to 14 KiB, see [`classes`](super::classes)) carry no tag: they
+//! are placed in a jemalloc arena of their component's own, whose memory comes from
+//! chunks of a reserved address range recorded as that component's. A tag byte would
+//! push a request of exactly a size class (16, 32, 48, 64, 80, …, 128, 160, …) into the
+//! next class, 12.5–25 % more memory, and Rust's doubling growth of `Vec` and `String`
+//! lands on class sizes often; reading the tag on free would also touch a cache line the
+//! caller may never have.
 //!
 //! One `PROT_NONE` reservation of 64 GiB of address space is made on first use (no memory:
 //! pages are made accessible as the arenas take them). The arenas take it in 2 MiB chunks
 //! by bumping one pointer, and a table records which arena owns each chunk; jemalloc
-//! retains and reuses what it was given and returns unused pages to the kernel with `madvise`, as it
-//! does for its own arenas. Each thread uses one explicit tcache per arena it touches: the
-//! thread's automatic tcache would hand out whatever any arena last freed into it.
+//! retains and reuses what it was given and returns unused pages to the kernel with
+//! `madvise`, as it does for its own arenas. Threads reach the arenas through caches of
+//! their own (`bins`), never through jemalloc's tcaches, which mix arenas.
 //!
-//! Whatever cannot be done — the reservation refused (e.g. by `RLIMIT_AS`), an arena or a
-//! tcache not created, the reservation used up — falls back to the tag, which is always right.
+//! Whatever cannot be done — the reservation refused (e.g. by `RLIMIT_AS`), an arena not
+//! created, the reservation used up — falls back to the tag, which is always right.
 
-use std::cell::{Cell, UnsafeCell};
-use std::ffi::{c_uint, c_void, CStr};
+use std::cell::UnsafeCell;
+use std::ffi::{c_uint, c_void};
 use std::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
 
 use tikv_jemalloc_sys as sys;
 
-use super::counters::{self, ThreadState, SLOTS};
+use super::counters::SLOTS;
 
 /// The reservation: 64 GiB of address space, shared by every arena and handed out in
 /// 2 MiB chunks, each recorded in [`CHUNK_SLOT`] as its arena's slot. (Dense, so the
@@ -57,10 +56,6 @@ static TAKEN: AtomicUsize = AtomicUsize::new(0);
 /// cost no memory).
 static CHUNK_SLOT: [AtomicU8; CHUNKS] = [const { AtomicU8::new(0) }; CHUNKS];
 
-/// A thread's tcache for a slot, in `ThreadState::tcaches`: 0 none yet,
-/// [`NO_TCACHE`] go without one, else the tcache index + 1.
-pub(crate) const NO_TCACHE: u16 = u16::MAX;
-
 /// One hook table per slot: jemalloc passes the table to every hook, which is how a
 /// hook knows its slot.
 #[repr(C)]
@@ -83,42 +78,6 @@ static HOOKS: [SlotHooks; SLOTS] = [const {
     }))
 }; SLOTS];
 
-/// The largest small size class: bigger allocations keep their tag. (A large class is a
-/// whole number of pages, and jemalloc hands freed large extents of an explicit arena
-/// back more slowly than its own: they would cost more resident memory than the tag.)
-const PLACED_MAX: usize = 14_336;
-
-/// Whether a layout goes to an arena: exactly a small jemalloc size class of at least 16
-/// bytes (8-byte allocations are frequent and their tag costs 8 bytes: not worth the
-/// slower path), with an alignment jemalloc gives that size anyway (so no alignment flags
-/// are needed).
-///
-/// jemalloc's small classes (16-byte quantum, 4 classes per doubling) are the multiples
-/// of 16 up to 128, then 4 evenly spaced classes in each power-of-two interval: a multiple
-/// of 16 with at most 3 significant bits, i.e. `size < 8 × its lowest set bit`. [`reserve`]
-/// checks this against jemalloc's own `nallocx` before any arena is used.
-#[inline(always)]
-pub(crate) fn wants(size: usize, align: usize) -> bool {
-    align <= 16 && size & 15 == 0 && size <= PLACED_MAX && size < (size & size.wrapping_neg()) << 3
-}
-
-/// A cheap first test for [`wants`] (false means `wants` is false), small enough to keep
-/// the allocator's common path inlinable: every size `wants` takes is a multiple of 16.
-#[inline(always)]
-pub(crate) fn may_want(size: usize) -> bool {
-    size & 15 == 0
-}
-
-/// Whether [`wants`] picks exactly this jemalloc build's small classes from 16 bytes (it
-/// could differ only with a nonstandard quantum); otherwise arenas stay unused.
-fn wants_matches_jemalloc() -> bool {
-    (1..=PLACED_MAX + 4096).all(|size| {
-        // SAFETY: nallocx only computes a size.
-        let class = unsafe { sys::nallocx(size, 0) };
-        wants(size, 8) == (class == size && (16..=PLACED_MAX).contains(&size))
-    })
-}
-
 /// The slot whose arena placed `ptr`, if an arena did.
 ///
 /// The chunk's entry was written before its arena returned any pointer into it, and a
@@ -134,55 +93,16 @@ pub(crate) fn slot_of(ptr: *mut u8) -> Option<u8> {
     }
 }
 
-/// Allocates `size` bytes (an exact class, see [`wants`]) in `slot`'s arena; null if the
-/// arena path is unavailable, in which case the caller uses the tag.
-#[inline(always)]
-pub(crate) unsafe fn alloc(state: &ThreadState, slot: u8, size: usize, zeroed: bool) -> *mut u8 {
-    let Some(flags) = alloc_flags(state, slot) else {
-        return std::ptr::null_mut();
-    };
-    let flags = if zeroed { flags | sys::MALLOCX_ZERO } else { flags };
-    sys::mallocx(size, flags).cast()
-}
-
-/// Frees an allocation [`slot_of`] says `slot`'s arena placed.
-#[inline(always)]
-pub(crate) unsafe fn free(state: &ThreadState, slot: u8, ptr: *mut u8, size: usize) {
-    // jemalloc finds the arena from the pointer: only the tcache needs naming.
-    sys::sdallocx(ptr.cast(), size, tcache_flag(state, slot));
-}
-
-/// Resizes an allocation of `slot`'s arena to `new_size` (an exact class) within the
-/// same arena; null if that failed (the allocation is then untouched).
-#[inline(always)]
-pub(crate) unsafe fn realloc(state: &ThreadState, slot: u8, ptr: *mut u8, new_size: usize) -> *mut u8 {
-    match alloc_flags(state, slot) {
-        Some(flags) => sys::rallocx(ptr.cast(), new_size, flags).cast(),
-        None => std::ptr::null_mut(),
-    }
-}
-
-/// `mallocx` flags for `slot`'s arena and this thread's tcache for it, creating either on
-/// first use; `None` if the arena does not exist and cannot be created.
-#[inline(always)]
-fn alloc_flags(state: &ThreadState, slot: u8) -> Option<i32> {
+/// The `mallocx` flag naming `slot`'s arena (created on first use); `None` if the arena
+/// does not exist and cannot be created.
+#[inline]
+pub(crate) fn flag(slot: u8) -> Option<i32> {
     let arena = match ARENAS[usize::from(slot)].load(Acquire) {
         0 => create_arena(usize::from(slot))?,
         BUSY | FAILED => return None,
         index => index - 1,
     };
-    Some(sys::MALLOCX_ARENA(arena as usize) | tcache_flag(state, slot))
-}
-
-/// The flag naming this thread's tcache for `slot`'s arena (created on first use), or
-/// going without one.
-#[inline(always)]
-fn tcache_flag(state: &ThreadState, slot: u8) -> i32 {
-    match state.tcaches[usize::from(slot)].get() {
-        0 => create_tcache(state, usize::from(slot)),
-        NO_TCACHE => sys::MALLOCX_TCACHE_NONE,
-        index => sys::MALLOCX_TCACHE(usize::from(index - 1)),
-    }
+    Some(sys::MALLOCX_ARENA(arena as usize))
 }
 
 /// Creates `slot`'s arena, its pages taken from the reservation. Another thread creating it meanwhile
@@ -244,7 +164,7 @@ fn reserve() -> bool {
             0,
         )
     };
-    if base == libc::MAP_FAILED || !wants_matches_jemalloc() {
+    if base == libc::MAP_FAILED || !super::classes::matches_jemalloc() {
         if base != libc::MAP_FAILED {
             // SAFETY: unmapping the mapping made just above, which nothing uses.
             unsafe { libc::munmap(base, TOTAL) };
@@ -255,64 +175,6 @@ fn reserve() -> bool {
     BASE.store(base as usize, Release);
     RESERVATION.store(READY, Release);
     true
-}
-
-/// Creates this thread's tcache for `slot`, or marks the thread to go without one
-/// (tcaches exhausted, or the thread is exiting and could not destroy it).
-#[cold]
-#[inline(never)]
-fn create_tcache(state: &ThreadState, slot: usize) -> i32 {
-    state.tcaches[slot].set(NO_TCACHE);
-    if !counters::thread_teardown_registered() {
-        return sys::MALLOCX_TCACHE_NONE;
-    }
-    let mut index: c_uint = 0;
-    let mut len = std::mem::size_of::<c_uint>();
-    // SAFETY: "tcache.create" writes an unsigned.
-    let rc = unsafe {
-        sys::mallctl(
-            c"tcache.create".as_ptr(),
-            (&raw mut index).cast(),
-            &mut len,
-            std::ptr::null_mut(),
-            0,
-        )
-    };
-    if rc != 0 || index >= u32::from(NO_TCACHE - 1) {
-        return sys::MALLOCX_TCACHE_NONE;
-    }
-    state.tcaches[slot].set(index as u16 + 1);
-    sys::MALLOCX_TCACHE(index as usize)
-}
-
-/// Destroys an exiting thread's tcaches (their cached memory goes back to the arenas);
-/// anything the thread allocates later goes without one.
-pub(crate) fn release_thread(tcaches: &[Cell<u16>; SLOTS]) {
-    for cell in tcaches {
-        let index = cell.replace(NO_TCACHE);
-        if index != 0 && index != NO_TCACHE {
-            let mut index = c_uint::from(index - 1);
-            mallctl_write(c"tcache.destroy", &mut index);
-        }
-    }
-}
-
-fn mallctl_write(name: &CStr, value: &mut c_uint) {
-    // SAFETY: the named control takes an unsigned.
-    unsafe {
-        sys::mallctl(
-            name.as_ptr(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            (value as *mut c_uint).cast(),
-            std::mem::size_of::<c_uint>(),
-        );
-    }
-}
-
-/// Frees an arena allocation with no tcache (the thread's state is gone).
-pub(crate) unsafe fn free_without_tcache(ptr: *mut u8, size: usize) {
-    sys::sdallocx(ptr.cast(), size, sys::MALLOCX_TCACHE_NONE);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -446,18 +308,6 @@ unsafe extern "C" fn hook_merge(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn placed_sizes_are_jemallocs_small_classes_from_16() {
-        assert!(wants_matches_jemalloc());
-        for size in [16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 4096, 14_336] {
-            assert!(wants(size, 8), "{size}");
-            assert!(!wants(size, 32), "{size}, over-aligned");
-        }
-        for size in [0, 8, 24, 40, 144, 4095, 4097, 12_287, 16_384, 20_480] {
-            assert!(!wants(size, 8), "{size}");
-        }
-    }
 
     #[test]
     fn no_pointer_is_placed_before_the_reservation() {

@@ -43,19 +43,20 @@ static INSTALLED: AtomicBool = AtomicBool::new(false);
 pub(crate) struct ThreadState {
     /// The component allocations are attributed to (a slot).
     pub(crate) current: Cell<u8>,
-    /// The thread's shard; null until claimed.
+    /// The shard this thread owns (plain stores); null until claimed, and for a thread
+    /// that uses the shared shard (atomic adds).
     shard: Cell<*const Shard>,
-    /// Whether this thread owns `shard` (plain stores) or shares it (atomic adds).
-    owned: Cell<bool>,
+    /// Whether the thread has tried to claim a shard (it claims at most once).
+    tried: Cell<bool>,
     /// The owned shard's index, to release it at exit.
     index: Cell<usize>,
     /// This thread's cumulative totals, for span accounting.
     pub(crate) alloc_bytes: Cell<u64>,
     pub(crate) alloc_count: Cell<u64>,
     pub(crate) free_bytes: Cell<u64>,
-    /// The thread's jemalloc tcache per component arena (see `arenas`).
+    /// The thread's caches of placed regions per component (see `bins`).
     #[cfg(feature = "jemalloc")]
-    pub(crate) tcaches: [Cell<u16>; SLOTS],
+    pub(crate) bins: [Cell<*const super::bins::Bins>; SLOTS],
 }
 
 thread_local! {
@@ -65,13 +66,13 @@ thread_local! {
         ThreadState {
             current: Cell::new(0),
             shard: Cell::new(std::ptr::null()),
-            owned: Cell::new(false),
+            tried: Cell::new(false),
             index: Cell::new(usize::MAX),
             alloc_bytes: Cell::new(0),
             alloc_count: Cell::new(0),
             free_bytes: Cell::new(0),
             #[cfg(feature = "jemalloc")]
-            tcaches: [const { Cell::new(0) }; SLOTS],
+            bins: [const { Cell::new(&super::bins::NONE.0) }; SLOTS],
         }
     };
     // Its destructor hands the shard back when the thread exits.
@@ -84,14 +85,14 @@ impl Drop for Release {
     fn drop(&mut self) {
         let _ = STATE.try_with(|s| {
             // Later allocations of this exiting thread go to the shared shard.
-            s.shard.set(&SHARED_SHARD);
-            s.owned.set(false);
+            s.shard.set(std::ptr::null());
+            s.tried.set(true);
             let index = s.index.replace(usize::MAX);
             if index < OWNED_SHARDS {
                 CLAIMED[index].store(false, std::sync::atomic::Ordering::Release);
             }
             #[cfg(feature = "jemalloc")]
-            super::arenas::release_thread(&s.tcaches);
+            super::bins::release_thread(&s.bins);
         });
     }
 }
@@ -102,15 +103,13 @@ pub(crate) fn thread_teardown_registered() -> bool {
     RELEASE.try_with(|_| ()).is_ok()
 }
 
-/// Gives the thread a shard of its own if one is free, else the shared one.
-#[cold]
-#[inline(never)]
+/// Gives the thread a shard of its own if one is free; otherwise it keeps using the
+/// shared one.
 fn claim(state: &ThreadState) {
     INSTALLED.store(true, Relaxed);
     // Anything allocated while claiming (registering the release destructor may
     // allocate on some platforms) goes to the shared shard.
-    state.shard.set(&SHARED_SHARD);
-    state.owned.set(false);
+    state.tried.set(true);
     for (index, claimed) in CLAIMED.iter().enumerate() {
         if claimed
             .compare_exchange(false, true, std::sync::atomic::Ordering::Acquire, Relaxed)
@@ -123,29 +122,44 @@ fn claim(state: &ThreadState) {
             }
             state.index.set(index);
             state.shard.set(&OWNED[index]);
-            state.owned.set(true);
             return;
         }
     }
 }
 
-/// The thread's shard and whether it owns it, claiming one on first use.
+/// Adds `value` to entry `slot` of `pick`'s counters in this thread's shard.
 #[inline(always)]
-fn shard_of(state: &ThreadState) -> (&'static Shard, bool) {
-    if state.shard.get().is_null() {
-        claim(state);
+fn add(state: &ThreadState, pick: fn(&Shard) -> &[AtomicU64; TAGS], slot: u8, value: u64) {
+    let shard = state.shard.get();
+    if shard.is_null() {
+        return add_unowned(state, pick, slot, value);
     }
-    // SAFETY: non-null shard pointers only ever point at the statics above.
-    (unsafe { &*state.shard.get() }, state.owned.get())
+    // SAFETY: a non-null shard pointer points at one of the OWNED statics.
+    let counter = &pick(unsafe { &*shard })[usize::from(slot)];
+    // Only this thread writes its owned shard: a plain load and store.
+    counter.store(counter.load(Relaxed).wrapping_add(value), Relaxed);
 }
 
-#[inline(always)]
-fn add(counter: &AtomicU64, value: u64, owned: bool) {
-    if owned {
-        counter.store(counter.load(Relaxed).wrapping_add(value), Relaxed);
-    } else {
-        counter.fetch_add(value, Relaxed);
+/// [`add`] for a thread without a shard: claims one on first use, else adds atomically
+/// to the shared shard.
+#[cold]
+#[inline(never)]
+fn add_unowned(state: &ThreadState, pick: fn(&Shard) -> &[AtomicU64; TAGS], slot: u8, value: u64) {
+    if !state.tried.get() {
+        claim(state);
+        if !state.shard.get().is_null() {
+            return add(state, pick, slot, value);
+        }
     }
+    pick(&SHARED_SHARD)[usize::from(slot)].fetch_add(value, Relaxed);
+}
+
+fn allocated(shard: &Shard) -> &[AtomicU64; TAGS] {
+    &shard.allocated
+}
+
+fn freed(shard: &Shard) -> &[AtomicU64; TAGS] {
+    &shard.freed
 }
 
 /// Records an allocation of `size` bytes attributed to the current component and
@@ -164,8 +178,7 @@ pub(crate) fn on_alloc(size: usize) -> u8 {
 /// Records an allocation of `size` bytes attributed to `slot`, in this thread's state.
 #[inline(always)]
 pub(crate) fn record_alloc(s: &ThreadState, slot: u8, size: usize) {
-    let (shard, owned) = shard_of(s);
-    add(&shard.allocated[usize::from(slot)], size as u64, owned);
+    add(s, allocated, slot, size as u64);
     s.alloc_bytes.set(s.alloc_bytes.get().wrapping_add(size as u64));
     s.alloc_count.set(s.alloc_count.get().wrapping_add(1));
 }
@@ -181,26 +194,23 @@ pub(crate) fn on_free(slot: u8, size: usize) {
 /// Records that `size` bytes allocated by `slot` were freed, in this thread's state.
 #[inline(always)]
 pub(crate) fn record_free(s: &ThreadState, slot: u8, size: usize) {
-    let (shard, owned) = shard_of(s);
-    add(&shard.freed[usize::from(slot)], size as u64, owned);
+    add(s, freed, slot, size as u64);
     s.free_bytes.set(s.free_bytes.get().wrapping_add(size as u64));
 }
 
 /// Records a reallocation from `old` to `new` bytes of an allocation owned by `slot`.
 #[inline(always)]
 pub(crate) fn on_realloc(slot: u8, old: usize, new: usize) {
-    let slot = usize::from(slot);
     let recorded = STATE.try_with(|s| {
-        let (shard, owned) = shard_of(s);
-        add(&shard.allocated[slot], new as u64, owned);
-        add(&shard.freed[slot], old as u64, owned);
+        add(s, allocated, slot, new as u64);
+        add(s, freed, slot, old as u64);
         s.alloc_bytes.set(s.alloc_bytes.get().wrapping_add(new as u64));
         s.alloc_count.set(s.alloc_count.get().wrapping_add(1));
         s.free_bytes.set(s.free_bytes.get().wrapping_add(old as u64));
     });
     if recorded.is_err() {
-        torn_down(&SHARED_SHARD.allocated[slot], new);
-        torn_down(&SHARED_SHARD.freed[slot], old);
+        torn_down(&SHARED_SHARD.allocated[usize::from(slot)], new);
+        torn_down(&SHARED_SHARD.freed[usize::from(slot)], old);
     }
 }
 

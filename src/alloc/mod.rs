@@ -36,6 +36,10 @@
 mod allocator;
 #[cfg(feature = "jemalloc")]
 mod arenas;
+#[cfg(feature = "jemalloc")]
+mod bins;
+#[cfg(feature = "jemalloc")]
+mod classes;
 pub(crate) mod counters;
 #[cfg(feature = "tracing")]
 mod layer;

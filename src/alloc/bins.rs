@@ -1,0 +1,390 @@
+//! Per-thread caches of placed allocations, by component and size class.
+//!
+//! jemalloc's fast paths (`malloc`, `sdallocx` without flags) serve a thread from its
+//! automatic tcache, which mixes every arena's regions; naming an arena or an explicit
+//! tcache takes its general path, several times slower. So placed allocations are served
+//! from caches of their own: each thread keeps, per component it touches, one free list
+//! per size class of regions of that component's arena. Taking or giving a region is a
+//! few loads and stores; only an empty list (refilled with half its capacity from the
+//! arena) or a full one (its older half returned to the arena) reaches jemalloc.
+//!
+//! A region freed by another thread or inside another component joins the freeing
+//! thread's list for the region's own component (known from its address), so a list only
+//! ever holds its component's regions. The lists are bounded (see [`CAP_BYTES`]) and
+//! returned to the arenas when the thread exits; a thread that is exiting, or has
+//! exited, uses the arenas directly.
+//!
+//! Refills and returns go through an explicit jemalloc tcache per thread and component
+//! (`tcache.create`), which moves regions to and from the arena in batches; a refill
+//! takes its regions from that tcache in one `experimental.batch_alloc` call. Without a
+//! tcache every region would take the arena's lock.
+
+use std::cell::Cell;
+use std::ffi::{c_uint, c_void};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
+
+use tikv_jemalloc_sys as sys;
+
+use super::arenas;
+use super::classes::{CLASSES, CLASS_SIZE};
+use super::counters::{self, ThreadState, SLOTS};
+
+/// Bytes a thread's list of one class may hold for one component (at least
+/// [`CAP_MIN`] and at most [`CAP_MAX`] regions): what a list holds between refills.
+const CAP_BYTES: usize = 16 << 10;
+const CAP_MIN: u32 = 12;
+const CAP_MAX: u32 = 64;
+
+/// Each class's list capacity, in regions.
+static CAP: [u32; CLASSES] = caps();
+
+const fn caps() -> [u32; CLASSES] {
+    let mut caps = [0; CLASSES];
+    let mut class = 0;
+    while class < CLASSES {
+        let cap = (CAP_BYTES / CLASS_SIZE[class] as usize) as u32;
+        caps[class] = if cap < CAP_MIN {
+            CAP_MIN
+        } else if cap > CAP_MAX {
+            CAP_MAX
+        } else {
+            cap
+        };
+        class += 1;
+    }
+    caps
+}
+
+/// One free list: `head` is the newest free region, each region's first word the
+/// next one; `room` is how many more regions it may take.
+pub(crate) struct Bin {
+    head: Cell<*mut u8>,
+    room: Cell<u32>,
+}
+
+/// A thread's lists for one component, and how it reaches the component's arena.
+pub(crate) struct Bins {
+    bins: [Bin; CLASSES],
+    /// `mallocx` flags: the arena and the tcache.
+    alloc_flags: i32,
+    /// The tcache's index, if one was made.
+    tcache: Option<c_uint>,
+}
+
+/// Stands for the lists of a component a thread has none for: empty (taking goes to
+/// [`refill`]) and without room (giving goes to [`overflow`]), so it is never written.
+pub(crate) struct NoBins(pub(crate) Bins);
+
+// SAFETY: nothing writes `NONE`: every write to a list follows a check that a list
+// without regions or room fails, and the cold paths replace it before writing.
+unsafe impl Sync for NoBins {}
+
+pub(crate) static NONE: NoBins = NoBins(Bins {
+    bins: [const {
+        Bin {
+            head: Cell::new(std::ptr::null_mut()),
+            room: Cell::new(0),
+        }
+    }; CLASSES],
+    alloc_flags: 0,
+    tcache: None,
+});
+
+/// The lists of `slot` in `state` (possibly [`NONE`]).
+#[inline(always)]
+fn bins(state: &ThreadState, slot: u8) -> &Bins {
+    // SAFETY: slots (the current component, a tag, an address's chunk owner) are always
+    // below SLOTS, and the pointers are NONE or lists this thread made and still owns.
+    unsafe { &*state.bins.get_unchecked(usize::from(slot)).get() }
+}
+
+/// A free region of `class` for `slot`, or null if placement is unavailable (the caller
+/// then tags the allocation).
+#[inline(always)]
+pub(crate) unsafe fn take(state: &ThreadState, slot: u8, class: usize) -> *mut u8 {
+    // SAFETY: class indices come from `classes`, below CLASSES.
+    let bin = unsafe { bins(state, slot).bins.get_unchecked(class) };
+    let head = bin.head.get();
+    if head.is_null() {
+        return refill(state, slot, class);
+    }
+    bin.head.set(head.cast::<*mut u8>().read());
+    bin.room.set(bin.room.get() + 1);
+    head
+}
+
+/// Gives back a region of `class` that `slot`'s arena placed.
+#[inline(always)]
+pub(crate) unsafe fn give(state: &ThreadState, slot: u8, class: usize, region: *mut u8) {
+    // SAFETY: as in `take`.
+    let bin = unsafe { bins(state, slot).bins.get_unchecked(class) };
+    let room = bin.room.get();
+    if room == 0 {
+        return overflow(state, slot, class, region);
+    }
+    region.cast::<*mut u8>().write(bin.head.get());
+    bin.head.set(region);
+    bin.room.set(room - 1);
+}
+
+/// [`take`] from any thread state, including none (a thread past its teardown).
+pub(crate) unsafe fn take_anywhere(slot: u8, class: usize) -> *mut u8 {
+    counters::STATE
+        .try_with(|s| take(s, slot, class))
+        .unwrap_or_else(|_| match arenas::flag(slot) {
+            Some(arena) => sys::mallocx(class_size(class), arena | sys::MALLOCX_TCACHE_NONE).cast(),
+            None => std::ptr::null_mut(),
+        })
+}
+
+/// [`give`] from any thread state, including none.
+pub(crate) unsafe fn give_anywhere(slot: u8, class: usize, region: *mut u8) {
+    if counters::STATE.try_with(|s| give(s, slot, class, region)).is_err() {
+        release(region, class);
+    }
+}
+
+fn class_size(class: usize) -> usize {
+    CLASS_SIZE[class] as usize
+}
+
+/// The thread's lists for `slot`, made on first use (with the slot's arena); `None`
+/// if the arena is unavailable or the thread is exiting (nothing would return them).
+fn bins_or_make(state: &ThreadState, slot: u8) -> Option<&Bins> {
+    let cell = &state.bins[usize::from(slot)];
+    if !std::ptr::eq(cell.get(), &NONE.0) {
+        return Some(bins(state, slot));
+    }
+    if !counters::thread_teardown_registered() {
+        return None;
+    }
+    let arena = arenas::flag(slot)?;
+    let tcache = create_tcache();
+    let tcache_flag = tcache.map_or(sys::MALLOCX_TCACHE_NONE, |t| sys::MALLOCX_TCACHE(t as usize));
+    // SAFETY: a plain allocation from jemalloc's default arena, outside the Rust heap.
+    let made = unsafe { sys::mallocx(std::mem::size_of::<Bins>(), sys::MALLOCX_TCACHE_NONE) }.cast::<Bins>();
+    if made.is_null() {
+        destroy_tcache(tcache);
+        return None;
+    }
+    // SAFETY: `made` is a fresh allocation of the right size and alignment.
+    unsafe {
+        made.write(Bins {
+            bins: std::array::from_fn(|class| Bin {
+                head: Cell::new(std::ptr::null_mut()),
+                room: Cell::new(CAP[class]),
+            }),
+            alloc_flags: arena | tcache_flag,
+            tcache,
+        });
+    }
+    cell.set(made);
+    Some(bins(state, slot))
+}
+
+/// A new explicit tcache, if jemalloc has one to give.
+fn create_tcache() -> Option<c_uint> {
+    let mut index: c_uint = 0;
+    let mut len = std::mem::size_of::<c_uint>();
+    // SAFETY: "tcache.create" writes an unsigned.
+    let rc = unsafe {
+        sys::mallctl(
+            c"tcache.create".as_ptr(),
+            (&raw mut index).cast(),
+            &mut len,
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    (rc == 0).then_some(index)
+}
+
+/// Destroys a tcache; what it cached goes back to the arenas.
+fn destroy_tcache(tcache: Option<c_uint>) {
+    if let Some(mut index) = tcache {
+        // SAFETY: "tcache.destroy" takes an unsigned.
+        unsafe {
+            sys::mallctl(
+                c"tcache.destroy".as_ptr(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                (&raw mut index).cast(),
+                std::mem::size_of::<c_uint>(),
+            );
+        }
+    }
+}
+
+/// Regions per refill at most (half the largest capacity).
+const BATCH: usize = CAP_MAX as usize / 2;
+
+/// An empty list: refills half of it and returns one more region; null if the arena is
+/// unavailable.
+#[cold]
+#[inline(never)]
+unsafe fn refill(state: &ThreadState, slot: u8, class: usize) -> *mut u8 {
+    let size = class_size(class);
+    let Some(bins) = bins_or_make(state, slot) else {
+        return match arenas::flag(slot) {
+            Some(arena) => sys::mallocx(size, arena | sys::MALLOCX_TCACHE_NONE).cast(),
+            None => std::ptr::null_mut(),
+        };
+    };
+    let mut regions = [std::ptr::null_mut::<c_void>(); BATCH];
+    let want = (CAP[class] / 2) as usize;
+    let mut filled = batch_alloc(&mut regions[..want], size, bins.alloc_flags);
+    while filled < want {
+        let region = sys::mallocx(size, bins.alloc_flags);
+        if region.is_null() {
+            break;
+        }
+        regions[filled] = region;
+        filled += 1;
+    }
+    let Some((first, rest)) = regions[..filled].split_first() else {
+        return std::ptr::null_mut();
+    };
+    let bin = &bins.bins[class];
+    for &region in rest {
+        let region = region.cast::<u8>();
+        region.cast::<*mut u8>().write(bin.head.get());
+        bin.head.set(region);
+    }
+    bin.room.set(bin.room.get() - rest.len() as u32);
+    first.cast()
+}
+
+const UNRESOLVED: u8 = 0;
+const RESOLVED: u8 = 1;
+const MISSING: u8 = 2;
+static BATCH_MIB_STATE: AtomicU8 = AtomicU8::new(UNRESOLVED);
+static BATCH_MIB: [AtomicUsize; 2] = [const { AtomicUsize::new(0) }; 2];
+
+/// The argument of `experimental.batch_alloc`.
+#[repr(C)]
+struct BatchPacket {
+    ptrs: *mut *mut c_void,
+    num: usize,
+    size: usize,
+    flags: i32,
+}
+
+/// Fills `regions` with `experimental.batch_alloc` (taking from the tcache in bulk);
+/// returns how many it filled (0 if the control is missing).
+unsafe fn batch_alloc(regions: &mut [*mut c_void], size: usize, flags: i32) -> usize {
+    let mut mib = [0usize; 2];
+    match BATCH_MIB_STATE.load(Acquire) {
+        RESOLVED => {
+            mib = [BATCH_MIB[0].load(Relaxed), BATCH_MIB[1].load(Relaxed)];
+        }
+        MISSING => return 0,
+        _ => {
+            let mut len = mib.len();
+            if sys::mallctlnametomib(c"experimental.batch_alloc".as_ptr(), mib.as_mut_ptr(), &mut len) != 0 || len != 2
+            {
+                BATCH_MIB_STATE.store(MISSING, Release);
+                return 0;
+            }
+            BATCH_MIB[0].store(mib[0], Relaxed);
+            BATCH_MIB[1].store(mib[1], Relaxed);
+            BATCH_MIB_STATE.store(RESOLVED, Release);
+        }
+    }
+    let mut packet = BatchPacket {
+        ptrs: regions.as_mut_ptr(),
+        num: regions.len(),
+        size,
+        flags,
+    };
+    let mut filled = 0usize;
+    let mut len = std::mem::size_of::<usize>();
+    let rc = sys::mallctlbymib(
+        mib.as_ptr(),
+        mib.len(),
+        (&raw mut filled).cast(),
+        &mut len,
+        (&raw mut packet).cast(),
+        std::mem::size_of::<BatchPacket>(),
+    );
+    if rc != 0 {
+        return 0;
+    }
+    filled.min(regions.len())
+}
+
+/// A full list (or none): keeps its newer half, returns the older half to the arena,
+/// and then takes `region`.
+#[cold]
+#[inline(never)]
+unsafe fn overflow(state: &ThreadState, slot: u8, class: usize, region: *mut u8) {
+    let Some(bins) = bins_or_make(state, slot) else {
+        return release(region, class);
+    };
+    let bin = &bins.bins[class];
+    if bin.room.get() == 0 {
+        let keep = CAP[class] / 2;
+        let mut last_kept = bin.head.get();
+        for _ in 1..keep {
+            last_kept = last_kept.cast::<*mut u8>().read();
+        }
+        let rest = last_kept.cast::<*mut u8>().replace(std::ptr::null_mut());
+        release_list(rest, class);
+        bin.room.set(CAP[class] - keep);
+    }
+    give(state, slot, class, region);
+}
+
+/// Returns a region to its arena, through the thread's automatic tcache: jemalloc's fast
+/// path, which batches regions back to whichever arena each belongs to. (That tcache
+/// mixes arenas, so nothing allocates small sizes from it: placed regions come from
+/// explicit tcaches, and small tagged allocations bypass tcaches; see `allocator`.)
+unsafe fn release(region: *mut u8, class: usize) {
+    sys::sdallocx(region.cast(), class_size(class), 0);
+}
+
+/// Returns a list of regions of `class` to their arena.
+unsafe fn release_list(mut region: *mut u8, class: usize) {
+    while !region.is_null() {
+        let next = region.cast::<*mut u8>().read();
+        release(region, class);
+        region = next;
+    }
+}
+
+/// Returns an exiting thread's regions to their arenas and frees its lists; anything the
+/// thread allocates or frees later uses the arenas directly.
+pub(crate) fn release_thread(all: &[Cell<*const Bins>; SLOTS]) {
+    for cell in all {
+        let bins = cell.replace(&NONE.0);
+        if std::ptr::eq(bins, &NONE.0) {
+            continue;
+        }
+        // SAFETY: lists this thread made, no longer reachable from its state; each
+        // holds free regions of its class only.
+        unsafe {
+            for (class, bin) in (*bins).bins.iter().enumerate() {
+                release_list(bin.head.get(), class);
+            }
+            destroy_tcache((*bins).tcache);
+            sys::sdallocx(
+                bins.cast_mut().cast(),
+                std::mem::size_of::<Bins>(),
+                sys::MALLOCX_TCACHE_NONE,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capacities_hold_a_few_regions_and_bounded_bytes() {
+        for class in 0..CLASSES {
+            let (cap, size) = (CAP[class], CLASS_SIZE[class] as usize);
+            assert!((CAP_MIN..=CAP_MAX).contains(&cap), "class {size}");
+            assert!(cap == CAP_MIN || cap as usize * size <= CAP_BYTES, "class {size}");
+        }
+    }
+}
