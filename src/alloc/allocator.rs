@@ -123,11 +123,49 @@ impl<A: GlobalAlloc> TrackingAllocator<A> {
 
 #[cfg(feature = "jemalloc")]
 impl<A: GlobalAlloc> TrackingAllocator<A> {
-    /// Allocates a small layout (`class`) from the current component's cache of its
-    /// arena's regions, or with a tag if placement is unavailable.
+    /// The common case of `alloc` over jemalloc, kept small enough to inline: a small
+    /// layout with an alignment of at most 16, a region in this thread's cache for the
+    /// current component, and a shard of its own for the counts. Anything else goes to
+    /// [`alloc_slow`](Self::alloc_slow), from a tail position so this path needs no stack
+    /// frame.
     #[inline(always)]
-    unsafe fn alloc_placed(&self, layout: Layout, class: usize, zeroed: bool) -> *mut u8 {
+    unsafe fn alloc_fast(&self, layout: Layout, zeroed: bool) -> *mut u8 {
+        let (size, align) = (layout.size(), layout.align());
+        if align > 16 {
+            return self.alloc_slow(layout, zeroed);
+        }
+        let Some(class) = classes::class_of(size.max(align)) else {
+            return self.alloc_slow(layout, zeroed);
+        };
+        let ptr = counters::STATE.with(|s| {
+            let slot = s.current.get();
+            let Some(shard) = counters::owned_shard(s) else {
+                return std::ptr::null_mut();
+            };
+            let ptr = bins::pop(s, slot, class);
+            if !ptr.is_null() {
+                counters::record_alloc_owned(s, shard, slot, size);
+            }
+            ptr
+        });
+        if ptr.is_null() {
+            return self.alloc_slow(layout, zeroed);
+        }
+        if zeroed {
+            ptr.write_bytes(0, size);
+        }
+        ptr
+    }
+
+    /// `alloc` over jemalloc, every case: a small layout (`class`) from the current
+    /// component's cache of its arena's regions (refilled as needed), else with a tag.
+    #[cold]
+    #[inline(never)]
+    unsafe fn alloc_slow(&self, layout: Layout, zeroed: bool) -> *mut u8 {
         let size = layout.size();
+        let Some(class) = classes::placed_class(size, layout.align()) else {
+            return self.alloc_tagged_outlined(layout, zeroed);
+        };
         let ptr = counters::STATE
             .try_with(|s| {
                 let slot = s.current.get();
@@ -145,6 +183,32 @@ impl<A: GlobalAlloc> TrackingAllocator<A> {
             ptr.write_bytes(0, size);
         }
         ptr
+    }
+
+    /// The common case of `dealloc` of a placed allocation (see
+    /// [`alloc_fast`](Self::alloc_fast)): room in this thread's cache.
+    #[inline(always)]
+    unsafe fn dealloc_placed(&self, ptr: *mut u8, layout: Layout, slot: u8) {
+        let (size, align) = (layout.size(), layout.align());
+        if align > 16 {
+            return dealloc_placed_slow(ptr, layout, slot);
+        }
+        let Some(class) = classes::class_of(size.max(align)) else {
+            return dealloc_placed_slow(ptr, layout, slot);
+        };
+        let done = counters::STATE.with(|s| {
+            let Some(shard) = counters::owned_shard(s) else {
+                return false;
+            };
+            if !bins::push(s, slot, class, ptr) {
+                return false;
+            }
+            counters::record_free_owned(s, shard, slot, size);
+            true
+        });
+        if !done {
+            dealloc_placed_slow(ptr, layout, slot);
+        }
     }
 
     /// [`alloc_tagged`](Self::alloc_tagged) over jemalloc, out of line: tags are for
@@ -231,6 +295,26 @@ impl<A: GlobalAlloc> TrackingAllocator<A> {
     }
 }
 
+/// `dealloc` of a placed allocation, every case.
+#[cfg(feature = "jemalloc")]
+#[cold]
+#[inline(never)]
+unsafe fn dealloc_placed_slow(ptr: *mut u8, layout: Layout, slot: u8) {
+    // A placed allocation's layout always has a class.
+    let Some(class) = classes::placed_class(layout.size(), layout.align()) else {
+        return;
+    };
+    let size = layout.size();
+    let freed = counters::STATE.try_with(|s| {
+        counters::record_free(s, slot, size);
+        bins::give(s, slot, class, ptr);
+    });
+    if freed.is_err() {
+        counters::on_free(slot, size);
+        bins::give_anywhere(slot, class, ptr);
+    }
+}
+
 /// A small tagged allocation over jemalloc, bypassing the thread's automatic tcache, whose
 /// small bins take freed placed regions (see `bins`) and must never hand them out.
 #[cfg(feature = "jemalloc")]
@@ -254,10 +338,7 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for TrackingAllocator<A> {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         #[cfg(feature = "jemalloc")]
         if places_in_arenas::<A>() {
-            return match classes::placed_class(layout.size(), layout.align()) {
-                Some(class) => self.alloc_placed(layout, class, false),
-                None => self.alloc_tagged_outlined(layout, false),
-            };
+            return self.alloc_fast(layout, false);
         }
         self.alloc_tagged(layout, false)
     }
@@ -266,10 +347,7 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for TrackingAllocator<A> {
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         #[cfg(feature = "jemalloc")]
         if places_in_arenas::<A>() {
-            return match classes::placed_class(layout.size(), layout.align()) {
-                Some(class) => self.alloc_placed(layout, class, true),
-                None => self.alloc_tagged_outlined(layout, true),
-            };
+            return self.alloc_fast(layout, true);
         }
         self.alloc_tagged(layout, true)
     }
@@ -278,24 +356,10 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for TrackingAllocator<A> {
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         #[cfg(feature = "jemalloc")]
         if places_in_arenas::<A>() {
-            match arenas::slot_of(ptr) {
-                Some(slot) => {
-                    // A placed allocation's layout always has a class.
-                    if let Some(class) = classes::placed_class(layout.size(), layout.align()) {
-                        let size = layout.size();
-                        let freed = counters::STATE.try_with(|s| {
-                            counters::record_free(s, slot, size);
-                            bins::give(s, slot, class, ptr);
-                        });
-                        if freed.is_err() {
-                            counters::on_free(slot, size);
-                            bins::give_anywhere(slot, class, ptr);
-                        }
-                    }
-                }
+            return match arenas::slot_of(ptr) {
+                Some(slot) => self.dealloc_placed(ptr, layout, slot),
                 None => self.dealloc_tagged_outlined(ptr, layout),
-            }
-            return;
+            };
         }
         self.dealloc_tagged(ptr, layout)
     }

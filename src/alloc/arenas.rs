@@ -105,6 +105,40 @@ pub(crate) fn flag(slot: u8) -> Option<i32> {
     Some(sys::MALLOCX_ARENA(arena as usize))
 }
 
+/// Maps `TOTAL` bytes with no access, starting on a chunk boundary: chunks are aligned
+/// to [`CHUNK`] in absolute terms (jemalloc asks for aligned extents), so the table's
+/// entries must be too. The kernel aligns large mappings on some versions only, so this
+/// maps a chunk more and unmaps the slack on either side.
+fn map_aligned_reservation() -> Option<*mut u8> {
+    // SAFETY: a fresh anonymous mapping with no access; nothing else refers to it.
+    let raw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            TOTAL + CHUNK,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        return None;
+    }
+    let start = raw as usize;
+    let base = start.next_multiple_of(CHUNK);
+    let (head, tail) = (base - start, start + CHUNK - base);
+    // SAFETY: both ranges lie in the mapping just made, outside [base, base + TOTAL).
+    unsafe {
+        if head > 0 {
+            libc::munmap(raw, head);
+        }
+        if tail > 0 {
+            libc::munmap((base + TOTAL) as *mut c_void, tail);
+        }
+    }
+    Some(base as *mut u8)
+}
+
 /// Creates `slot`'s arena, its pages taken from the reservation. Another thread creating it meanwhile
 /// makes this allocation use the tag.
 #[cold]
@@ -153,22 +187,13 @@ fn reserve() -> bool {
         // Unavailable, or another thread is reserving: this allocation uses the tag.
         Err(_) => return false,
     }
-    // SAFETY: a fresh anonymous mapping with no access; nothing else refers to it.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            TOTAL,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
+    let Some(base) = map_aligned_reservation() else {
+        RESERVATION.store(UNAVAILABLE, Release);
+        return false;
     };
-    if base == libc::MAP_FAILED || !super::classes::matches_jemalloc() {
-        if base != libc::MAP_FAILED {
-            // SAFETY: unmapping the mapping made just above, which nothing uses.
-            unsafe { libc::munmap(base, TOTAL) };
-        }
+    if !super::classes::matches_jemalloc() {
+        // SAFETY: unmapping the mapping made just above, which nothing uses.
+        unsafe { libc::munmap(base.cast(), TOTAL) };
         RESERVATION.store(UNAVAILABLE, Release);
         return false;
     }
@@ -308,6 +333,16 @@ unsafe extern "C" fn hook_merge(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_reservation_starts_on_a_chunk_boundary() {
+        for _ in 0..8 {
+            let base = map_aligned_reservation().expect("reserve");
+            assert_eq!(base as usize % CHUNK, 0, "{base:p}");
+            // SAFETY: the mapping just made.
+            unsafe { libc::munmap(base.cast(), TOTAL) };
+        }
+    }
 
     #[test]
     fn no_pointer_is_placed_before_the_reservation() {

@@ -127,6 +127,35 @@ pub(crate) unsafe fn give(state: &ThreadState, slot: u8, class: usize, region: *
     bin.room.set(room - 1);
 }
 
+/// A free region of `class` for `slot` if the thread's list has one (no refill).
+#[inline(always)]
+pub(crate) unsafe fn pop(state: &ThreadState, slot: u8, class: usize) -> *mut u8 {
+    // SAFETY: as in `take`.
+    let bin = unsafe { bins(state, slot).bins.get_unchecked(class) };
+    let head = bin.head.get();
+    if !head.is_null() {
+        bin.head.set(head.cast::<*mut u8>().read());
+        bin.room.set(bin.room.get() + 1);
+    }
+    head
+}
+
+/// Gives back a region of `class` of `slot` if the thread's list has room; false if
+/// not (the region is untouched).
+#[inline(always)]
+pub(crate) unsafe fn push(state: &ThreadState, slot: u8, class: usize, region: *mut u8) -> bool {
+    // SAFETY: as in `take`.
+    let bin = unsafe { bins(state, slot).bins.get_unchecked(class) };
+    let room = bin.room.get();
+    if room == 0 {
+        return false;
+    }
+    region.cast::<*mut u8>().write(bin.head.get());
+    bin.head.set(region);
+    bin.room.set(room - 1);
+    true
+}
+
 /// [`take`] from any thread state, including none (a thread past its teardown).
 pub(crate) unsafe fn take_anywhere(slot: u8, class: usize) -> *mut u8 {
     counters::STATE

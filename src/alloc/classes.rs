@@ -85,8 +85,17 @@ const PLACED_ALIGN_MAX: usize = 4096;
 /// the rounding folds away.)
 #[inline(always)]
 pub(crate) fn placed_class(size: usize, align: usize) -> Option<usize> {
-    let key = (size.max(1) + (align - 1)) & !(align - 1);
-    if align <= PLACED_ALIGN_MAX && key <= PLACED_MAX {
+    if align > PLACED_ALIGN_MAX {
+        return None;
+    }
+    class_of((size.max(1) + (align - 1)) & !(align - 1))
+}
+
+/// The class index of a request of `key` bytes (a size already rounded to its
+/// alignment), if it is at most [`PLACED_MAX`].
+#[inline(always)]
+pub(crate) fn class_of(key: usize) -> Option<usize> {
+    if key <= PLACED_MAX {
         Some(usize::from(CLASS_OF[(key + 7) >> 3]))
     } else {
         None

@@ -20,7 +20,7 @@ const TAGS: usize = 256;
 const OWNED_SHARDS: usize = 64;
 
 #[repr(align(128))]
-struct Shard {
+pub(crate) struct Shard {
     allocated: [AtomicU64; TAGS],
     freed: [AtomicU64; TAGS],
 }
@@ -40,6 +40,10 @@ static SHARED_SHARD: Shard = Shard::new();
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 
 /// Everything the hot path needs from thread-local storage, in one place.
+///
+/// `repr(C)` keeps `alloc_bytes` and `alloc_count` apart: adjacent, the compiler merges
+/// their two adds into a slower vector load, add and store.
+#[repr(C)]
 pub(crate) struct ThreadState {
     /// The component allocations are attributed to (a slot).
     pub(crate) current: Cell<u8>,
@@ -52,8 +56,8 @@ pub(crate) struct ThreadState {
     index: Cell<usize>,
     /// This thread's cumulative totals, for span accounting.
     pub(crate) alloc_bytes: Cell<u64>,
-    pub(crate) alloc_count: Cell<u64>,
     pub(crate) free_bytes: Cell<u64>,
+    pub(crate) alloc_count: Cell<u64>,
     /// The thread's caches of placed regions per component (see `bins`).
     #[cfg(feature = "jemalloc")]
     pub(crate) bins: [Cell<*const super::bins::Bins>; SLOTS],
@@ -69,8 +73,8 @@ thread_local! {
             tried: Cell::new(false),
             index: Cell::new(usize::MAX),
             alloc_bytes: Cell::new(0),
-            alloc_count: Cell::new(0),
             free_bytes: Cell::new(0),
+            alloc_count: Cell::new(0),
             #[cfg(feature = "jemalloc")]
             bins: [const { Cell::new(&super::bins::NONE.0) }; SLOTS],
         }
@@ -127,6 +131,35 @@ fn claim(state: &ThreadState) {
     }
 }
 
+/// The shard this thread owns, if it owns one (its counts then take plain stores).
+#[inline(always)]
+pub(crate) fn owned_shard(state: &ThreadState) -> Option<&'static Shard> {
+    // SAFETY: a non-null shard pointer points at one of the OWNED statics.
+    unsafe { state.shard.get().as_ref() }
+}
+
+/// Records an allocation in the thread's own shard (see [`owned_shard`]).
+#[inline(always)]
+pub(crate) fn record_alloc_owned(state: &ThreadState, shard: &Shard, slot: u8, size: usize) {
+    bump(&shard.allocated[usize::from(slot)], size as u64);
+    state.alloc_bytes.set(state.alloc_bytes.get().wrapping_add(size as u64));
+    state.alloc_count.set(state.alloc_count.get().wrapping_add(1));
+}
+
+/// Records a free in the thread's own shard (see [`owned_shard`]).
+#[inline(always)]
+pub(crate) fn record_free_owned(state: &ThreadState, shard: &Shard, slot: u8, size: usize) {
+    bump(&shard.freed[usize::from(slot)], size as u64);
+    state.free_bytes.set(state.free_bytes.get().wrapping_add(size as u64));
+}
+
+/// Adds to a counter of the thread's own shard: only this thread writes it, so a plain
+/// load and store.
+#[inline(always)]
+fn bump(counter: &AtomicU64, value: u64) {
+    counter.store(counter.load(Relaxed).wrapping_add(value), Relaxed);
+}
+
 /// Adds `value` to entry `slot` of `pick`'s counters in this thread's shard.
 #[inline(always)]
 fn add(state: &ThreadState, pick: fn(&Shard) -> &[AtomicU64; TAGS], slot: u8, value: u64) {
@@ -135,9 +168,7 @@ fn add(state: &ThreadState, pick: fn(&Shard) -> &[AtomicU64; TAGS], slot: u8, va
         return add_unowned(state, pick, slot, value);
     }
     // SAFETY: a non-null shard pointer points at one of the OWNED statics.
-    let counter = &pick(unsafe { &*shard })[usize::from(slot)];
-    // Only this thread writes its owned shard: a plain load and store.
-    counter.store(counter.load(Relaxed).wrapping_add(value), Relaxed);
+    bump(&pick(unsafe { &*shard })[usize::from(slot)], value);
 }
 
 /// [`add`] for a thread without a shard: claims one on first use, else adds atomically
