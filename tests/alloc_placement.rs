@@ -1,6 +1,6 @@
-//! What attribution costs in memory, by jemalloc's own account: allocations of exactly a
-//! size class (which a tag byte would push into the next class) are placed untagged in
-//! their component's arena, and everything else keeps its tag within its class's slack.
+//! What attribution costs in memory, by jemalloc's own account: small allocations (up to
+//! 14 KiB) are placed untagged in their component's arena, in exactly the size class
+//! jemalloc alone would give them, and large ones keep a tag byte.
 #![cfg(feature = "jemalloc")]
 
 #[path = "support/process.rs"]
@@ -17,13 +17,15 @@ const BUFFERS: usize = 50_000;
 /// The tests measure process-wide figures: one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Each of `BUFFERS` buffers of `capacity` bytes held in `name` takes exactly `class`
-/// bytes by jemalloc's own account (`sallocx`: the usable size of the allocation, its
-/// size class), and the component's live bytes grow by exactly `BUFFERS` × `capacity`.
+/// Each of up to `BUFFERS` buffers (64 MiB at most) of `capacity` bytes held in `name`
+/// takes exactly `class` bytes by jemalloc's own account (`sallocx`: the usable size of
+/// the allocation, its size class), and the component's live bytes grow by exactly the
+/// buffers' capacities.
 fn holds_at_class_size(name: &str, capacity: usize, class: usize) {
     let scope = component(name);
     let live_before = scope.live_bytes();
-    let buffers: Vec<Vec<u8>> = scope.in_scope(|| (0..BUFFERS).map(|_| Vec::with_capacity(capacity)).collect());
+    let count = BUFFERS.min((64 << 20) / capacity);
+    let buffers: Vec<Vec<u8>> = scope.in_scope(|| (0..count).map(|_| Vec::with_capacity(capacity)).collect());
     for buffer in &buffers {
         // SAFETY: a live allocation of the global allocator (jemalloc underneath).
         let usable = unsafe { tikv_jemalloc_sys::sallocx(buffer.as_ptr().cast_mut().cast(), 0) };
@@ -32,10 +34,10 @@ fn holds_at_class_size(name: &str, capacity: usize, class: usize) {
             "{name}: a {capacity} B buffer takes {usable} B, expected its {class} B class"
         );
     }
-    let outer = BUFFERS * size_of::<Vec<u8>>();
+    let outer = count * size_of::<Vec<u8>>();
     assert_eq!(
         scope.live_bytes() - live_before,
-        (BUFFERS * capacity + outer) as u64,
+        (count * capacity + outer) as u64,
         "{name}"
     );
     drop(buffers);
@@ -43,19 +45,72 @@ fn holds_at_class_size(name: &str, capacity: usize, class: usize) {
 }
 
 #[test]
-fn tags_cost_no_size_class_step() {
+fn small_allocations_take_their_own_size_class() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    // Exact classes: untagged, in the component's arena. A tag would make them 80 and
-    // 160 B (+25 %).
+    // Exact classes: a tag would make them 80 and 160 B (+25 %).
     holds_at_class_size("exact64", 64, 64);
     holds_at_class_size("exact128", 128, 128);
     assert!(
         memtel::alloc::component_arenas() >= 2,
-        "exact-class allocations were not placed in arenas"
+        "small allocations were not placed in arenas"
     );
-    // Below a class: the tag fits in the slack.
-    holds_at_class_size("slack60", 60, 64);
-    holds_at_class_size("slack100", 100, 112);
+    holds_at_class_size("below64", 60, 64);
+    holds_at_class_size("below112", 100, 112);
+    holds_at_class_size("eight", 8, 8);
+    holds_at_class_size("largest_small", 14_336, 14_336);
+}
+
+#[test]
+fn large_allocations_keep_a_tag_in_their_class() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    // 20 000 B plus the tag byte still fit jemalloc's 20 KiB class.
+    holds_at_class_size("large", 20_000, 20_480);
+}
+
+/// `count` allocations of `layout` in component `name`: each is aligned, takes the size
+/// class jemalloc itself gives that layout (`nallocx` with the alignment), and the
+/// component's live bytes grow by exactly `count` × the size.
+fn aligned_allocations_take_jemallocs_class(name: &str, layout: std::alloc::Layout, count: usize) {
+    let scope = component(name);
+    let live_before = scope.live_bytes();
+    let flags = tikv_jemalloc_sys::MALLOCX_ALIGN(layout.align());
+    // SAFETY: nallocx only computes a size.
+    let class = unsafe { tikv_jemalloc_sys::nallocx(layout.size(), flags) };
+    // SAFETY: a layout of non-zero size; each pointer is freed below with it.
+    let pointers: Vec<*mut u8> = scope.in_scope(|| (0..count).map(|_| unsafe { std::alloc::alloc(layout) }).collect());
+    let pointers_bytes = (pointers.capacity() * size_of::<*mut u8>()) as u64;
+    for &ptr in &pointers {
+        assert!(!ptr.is_null());
+        assert_eq!(ptr as usize % layout.align(), 0, "{name}: {ptr:p} not aligned");
+        // SAFETY: a live allocation of the global allocator (jemalloc underneath).
+        let usable = unsafe { tikv_jemalloc_sys::sallocx(ptr.cast(), 0) };
+        assert_eq!(
+            usable, class,
+            "{name}: {layout:?} takes {usable} B, jemalloc alone gives {class} B"
+        );
+    }
+    assert_eq!(
+        scope.live_bytes() - live_before,
+        (count * layout.size()) as u64 + pointers_bytes,
+        "{name}"
+    );
+    for ptr in pointers {
+        // SAFETY: allocated above with this layout.
+        unsafe { std::alloc::dealloc(ptr, layout) };
+    }
+    assert_eq!(scope.live_bytes(), live_before, "{name}: freed");
+}
+
+#[test]
+fn over_aligned_small_allocations_are_placed_in_an_aligned_class() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let layout = |size, align| std::alloc::Layout::from_size_align(size, align).expect("layout");
+    // Exact classes, where a tag byte would cost the next aligned class (192, 8192, 32 B).
+    aligned_allocations_take_jemallocs_class("align64", layout(128, 64), 5_000);
+    aligned_allocations_take_jemallocs_class("align4096", layout(4096, 4096), 500);
+    aligned_allocations_take_jemallocs_class("align16", layout(16, 16), 5_000);
+    // Rounded up to the alignment: 80 B aligned to 64 takes the 128 B class, as in jemalloc.
+    aligned_allocations_take_jemallocs_class("align64_rounded", layout(80, 64), 5_000);
 }
 
 #[test]
@@ -63,9 +118,9 @@ fn growth_across_placed_and_tagged_sizes_keeps_the_component() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let scope = component("grower");
     let other = component("bystander");
-    // 60 (tagged) → 64 (placed) → 100 (tagged) → 4096 (placed) → 5000 (tagged) →
-    // 20480 (placed, large) → 64 (placed), grown and shrunk while another component is
-    // current: the buffer stays the grower's, its contents intact.
+    // 60 → 64 → 100 → 4096 → 5000 (placed, moving between classes) → 20480 (large,
+    // tagged) → 64 (placed again), grown and shrunk while another component is current:
+    // the buffer stays the grower's, its contents intact.
     let mut buffer: Vec<u8> = scope.in_scope(|| Vec::with_capacity(60));
     buffer.extend((0..60).map(|i| i as u8));
     other.in_scope(|| {
@@ -92,7 +147,7 @@ fn threads_that_come_and_go_free_each_others_placed_allocations_exactly() {
     let maker = component("maker");
     let live_before = maker.live_bytes();
     // 300 short-lived threads, each freeing what the previous one made after that
-    // thread exited and its tcaches for the arenas were destroyed.
+    // thread exited and returned its caches of free regions.
     let mut handed_over: Vec<Vec<u8>> = Vec::new();
     for round in 0..300usize {
         handed_over = std::thread::spawn(move || {
@@ -158,7 +213,7 @@ fn without_address_space_for_the_arenas_every_allocation_keeps_its_tag() {
 fn purging_returns_placed_pages_to_the_kernel() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let scope = component("purged");
-    // 24 MiB of 4 KiB buffers (an exact class: placed), each page touched.
+    // 24 MiB of 4 KiB buffers (placed), each page touched.
     let buffers: Vec<Vec<u8>> = scope.in_scope(|| (0..6144).map(|_| vec![1u8; 4096]).collect());
     assert!(memtel::alloc::component_arenas() >= 1, "4 KiB buffers were not placed");
     let (_, resident_held) = process::jemalloc_allocated_resident();
