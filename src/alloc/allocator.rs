@@ -1,5 +1,5 @@
-//! The tracking global allocator: each allocation's component is named by a tag byte
-//! after it, or, over jemalloc, by the address range it was placed in.
+//! The tracking global allocator: each allocation's component is named, over jemalloc,
+//! by the address range it was placed in, or else by a tag byte after it.
 
 use std::alloc::{GlobalAlloc, Layout};
 
@@ -9,22 +9,29 @@ use super::{arenas, bins, classes};
 
 /// A `#[global_allocator]` wrapper that attributes every heap byte to a component.
 ///
-/// Each allocation is asked of the inner allocator one byte larger, and that byte,
-/// just past the caller's memory, holds the slot of the component that was current
-/// when it was made. A free reads the byte and credits the bytes back to that
-/// component, whichever thread or component frees them, so live bytes per component
-/// (allocated − freed) are exact.
+/// A free must learn which component made the allocation, whichever thread or component
+/// frees it, so live bytes per component (allocated − freed) are exact. Two ways:
 ///
-/// The extra byte costs nothing when a request leaves room in its size class, and a
-/// whole class step when the request is exactly a class size — which Rust's doubling
-/// growth of `Vec` and `String` hits often (about 40 % of the allocations of a
-/// serde_json/HashMap workload). So over jemalloc (`A` = `tikv_jemallocator::Jemalloc`,
-/// feature `jemalloc`), small exact-class requests carry no tag: they are served by a
-/// jemalloc arena of their component's own, whose pages come from chunks of a reserved
-/// address range recorded as that component's, and a free finds the component from the
-/// address. That brings the memory cost of attribution from about 6 % to about 2 %
-/// (BENCHMARKS.md). It reserves 64 GiB of address space (`PROT_NONE`, no memory) on first
-/// use; where that is refused, every allocation is tagged.
+/// - **Placement** (over jemalloc: `A` = `tikv_jemallocator::Jemalloc`, feature
+///   `jemalloc`). Small allocations (up to 14 KiB once rounded to their alignment, which
+///   may be up to a page) come from a jemalloc arena of their component's own, whose
+///   pages come from 2 MiB chunks of one reserved address range; a table records which
+///   component owns each chunk, and a free finds the component from the address. Each
+///   thread keeps short lists of free regions per component and size class (at most
+///   16 KiB or 12 regions per class), so most allocations and frees take a few loads and
+///   stores and never reach jemalloc; the lists go back to jemalloc when the thread
+///   exits. An allocation takes exactly the size class jemalloc alone would give it.
+///   The range is 64 GiB of address space (`PROT_NONE`, no memory), reserved on first
+///   use.
+/// - **A tag** for everything else — large allocations, alignments above a page, any
+///   inner allocator but jemalloc, and every allocation where the reservation is refused
+///   (an `RLIMIT_AS` below it) or used up: each is asked of the inner allocator one byte
+///   larger, and that byte, just past the caller's memory, holds the component. It
+///   costs nothing when the request leaves room in its size class, and a whole class
+///   step when it does not.
+///
+/// Over jemalloc, attribution costs about as much time as jemalloc's own fast paths save
+/// it, and about 1–3 % more resident memory (BENCHMARKS.md).
 ///
 /// A `realloc` keeps the allocation's component: a buffer belongs to whoever created
 /// it, wherever it grows. Counters are sharded per thread (see the crate docs).
@@ -66,7 +73,7 @@ fn tagged(layout: Layout) -> Option<Layout> {
     Some(unsafe { Layout::from_size_align_unchecked(size, layout.align()) })
 }
 
-/// Whether `A` is jemalloc, whose arenas can hold exact-class allocations untagged.
+/// Whether `A` is jemalloc, whose arenas can hold small allocations untagged.
 /// (Both sides are constants: the comparison folds away.)
 #[cfg(feature = "jemalloc")]
 #[inline(always)]

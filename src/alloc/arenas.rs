@@ -13,7 +13,8 @@
 //! by bumping one pointer, and a table records which arena owns each chunk; jemalloc
 //! retains and reuses what it was given and returns unused pages to the kernel with
 //! `madvise`, as it does for its own arenas. Threads reach the arenas through caches of
-//! their own (`bins`), never through jemalloc's tcaches, which mix arenas.
+//! their own (`bins`, which also says how jemalloc's tcaches are used without mixing
+//! components).
 //!
 //! Whatever cannot be done — the reservation refused (e.g. by `RLIMIT_AS`), an arena not
 //! created, the reservation used up — falls back to the tag, which is always right.

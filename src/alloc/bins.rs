@@ -2,7 +2,7 @@
 //!
 //! jemalloc's fast paths (`malloc`, `sdallocx` without flags) serve a thread from its
 //! automatic tcache, which mixes every arena's regions; naming an arena or an explicit
-//! tcache takes its general path, several times slower. So placed allocations are served
+//! tcache takes its general path: an allocation and free cost about twice the instructions. So placed allocations are served
 //! from caches of their own: each thread keeps, per component it touches, one free list
 //! per size class of regions of that component's arena. Taking or giving a region is a
 //! few loads and stores; only an empty list (refilled with half its capacity from the
@@ -14,10 +14,18 @@
 //! returned to the arenas when the thread exits; a thread that is exiting, or has
 //! exited, uses the arenas directly.
 //!
-//! Refills and returns go through an explicit jemalloc tcache per thread and component
-//! (`tcache.create`), which moves regions to and from the arena in batches; a refill
-//! takes its regions from that tcache in one `experimental.batch_alloc` call. Without a
-//! tcache every region would take the arena's lock.
+//! Refills come from an explicit jemalloc tcache per thread and component
+//! (`tcache.create`), which takes regions from the arena in batches; a refill takes its
+//! regions from that tcache in one `experimental.batch_alloc` call. (Without a tcache
+//! every region would take the arena's lock: the realistic benchmark took 1.38× the
+//! instructions.)
+//! Returns go through the thread's automatic tcache, jemalloc's fast path, which hands
+//! each region back to its own arena in batches. That tcache therefore mixes components,
+//! so nothing allocates small sizes from it: small tagged allocations bypass it
+//! (`allocator`). jemalloc has at most 4,093 explicit tcaches at once; past that, refills
+//! go to the arena directly, slower but as exact. An explicit tcache keeps what it
+//! fetched until its thread exits (jemalloc trims only automatic ones): up to half of
+//! jemalloc's per-class tcache capacity, for each component a thread allocates in.
 
 use std::cell::Cell;
 use std::ffi::{c_uint, c_void};

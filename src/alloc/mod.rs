@@ -53,16 +53,16 @@ pub use scope::{component, current_component, Component, ComponentFuture, Compon
 
 pub(crate) use registry::for_each as for_each_component;
 
-/// How many components have a jemalloc arena of their own for their exact-size-class
-/// allocations (see [`TrackingAllocator`]): 0 when the inner allocator is not jemalloc,
-/// when the address-space reservation was refused, or before the first such allocation.
+/// How many components have a jemalloc arena of their own for their small allocations
+/// (see [`TrackingAllocator`]): 0 when the inner allocator is not jemalloc, when the
+/// address-space reservation was refused, or before the first allocation.
 ///
 /// ```
 /// #[global_allocator]
 /// static GLOBAL: memtel::alloc::TrackingAllocator<tikv_jemallocator::Jemalloc> =
 ///     memtel::alloc::TrackingAllocator::new(tikv_jemallocator::Jemalloc);
 ///
-/// // 64 bytes is a jemalloc size class: a tag byte would cost 16 more.
+/// // 64 bytes is a jemalloc size class: placed, it costs 64 bytes, not 80 with a tag.
 /// let buffer = memtel::component("parser").in_scope(|| Vec::<u8>::with_capacity(64));
 /// assert!(memtel::alloc::component_arenas() >= 1);
 /// # drop(buffer);
