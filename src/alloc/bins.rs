@@ -15,7 +15,7 @@
 //! exited, uses the arenas directly.
 //!
 //! Refills come from an explicit jemalloc tcache per thread and component
-//! (`tcache.create`), which takes regions from the arena in batches; a refill takes its
+//! (`tcache.create`, on the first refill), which takes regions from the arena in batches; a refill takes its
 //! regions from that tcache in one `experimental.batch_alloc` call. (Without a tcache
 //! every region would take the arena's lock: the realistic benchmark took 1.38× the
 //! instructions.)
@@ -73,10 +73,12 @@ pub(crate) struct Bin {
 /// A thread's lists for one component, and how it reaches the component's arena.
 pub(crate) struct Bins {
     bins: [Bin; CLASSES],
-    /// `mallocx` flags: the arena and the tcache.
-    alloc_flags: i32,
-    /// The tcache's index, if one was made.
-    tcache: Option<c_uint>,
+    /// The `mallocx` flag naming the component's arena.
+    arena: i32,
+    /// The explicit tcache refills come from, made on the first refill (a thread that only
+    /// frees the component's memory needs none): [`NO_TCACHE_YET`], [`NO_TCACHE`], or
+    /// its index + 1.
+    tcache: Cell<u32>,
 }
 
 /// Stands for the lists of a component a thread has none for: empty (taking goes to
@@ -94,8 +96,8 @@ pub(crate) static NONE: NoBins = NoBins(Bins {
             room: Cell::new(0),
         }
     }; CLASSES],
-    alloc_flags: 0,
-    tcache: None,
+    arena: 0,
+    tcache: Cell::new(NO_TCACHE),
 });
 
 /// The lists of `slot` in `state` (possibly [`NONE`]).
@@ -196,12 +198,9 @@ fn bins_or_make(state: &ThreadState, slot: u8) -> Option<&Bins> {
         return None;
     }
     let arena = arenas::flag(slot)?;
-    let tcache = create_tcache();
-    let tcache_flag = tcache.map_or(sys::MALLOCX_TCACHE_NONE, |t| sys::MALLOCX_TCACHE(t as usize));
     // SAFETY: a plain allocation from jemalloc's default arena, outside the Rust heap.
     let made = unsafe { sys::mallocx(std::mem::size_of::<Bins>(), sys::MALLOCX_TCACHE_NONE) }.cast::<Bins>();
     if made.is_null() {
-        destroy_tcache(tcache);
         return None;
     }
     // SAFETY: `made` is a fresh allocation of the right size and alignment.
@@ -211,12 +210,33 @@ fn bins_or_make(state: &ThreadState, slot: u8) -> Option<&Bins> {
                 head: Cell::new(std::ptr::null_mut()),
                 room: Cell::new(CAP[class]),
             }),
-            alloc_flags: arena | tcache_flag,
-            tcache,
+            arena,
+            tcache: Cell::new(NO_TCACHE_YET),
         });
     }
     cell.set(made);
     Some(bins(state, slot))
+}
+
+const NO_TCACHE_YET: u32 = 0;
+const NO_TCACHE: u32 = u32::MAX;
+
+impl Bins {
+    /// `mallocx` flags for a refill: the arena and the explicit tcache, made on first use.
+    fn alloc_flags(&self) -> i32 {
+        let tcache = match self.tcache.get() {
+            NO_TCACHE_YET => {
+                let made = create_tcache().map_or(NO_TCACHE, |index| index + 1);
+                self.tcache.set(made);
+                made
+            }
+            state => state,
+        };
+        match tcache {
+            NO_TCACHE => self.arena | sys::MALLOCX_TCACHE_NONE,
+            index => self.arena | sys::MALLOCX_TCACHE((index - 1) as usize),
+        }
+    }
 }
 
 /// A new explicit tcache, if jemalloc has one to give.
@@ -233,12 +253,13 @@ fn create_tcache() -> Option<c_uint> {
             0,
         )
     };
-    (rc == 0).then_some(index)
+    (rc == 0 && index < NO_TCACHE - 1).then_some(index)
 }
 
-/// Destroys a tcache; what it cached goes back to the arenas.
-fn destroy_tcache(tcache: Option<c_uint>) {
-    if let Some(mut index) = tcache {
+/// Destroys a tcache (a [`Bins::tcache`] state); what it cached goes back to the arenas.
+fn destroy_tcache(tcache: u32) {
+    if !matches!(tcache, NO_TCACHE_YET | NO_TCACHE) {
+        let mut index: c_uint = tcache - 1;
         // SAFETY: "tcache.destroy" takes an unsigned.
         unsafe {
             sys::mallctl(
@@ -269,9 +290,10 @@ unsafe fn refill(state: &ThreadState, slot: u8, class: usize) -> *mut u8 {
     };
     let mut regions = [std::ptr::null_mut::<c_void>(); BATCH];
     let want = (CAP[class] / 2) as usize;
-    let mut filled = batch_alloc(&mut regions[..want], size, bins.alloc_flags);
+    let flags = bins.alloc_flags();
+    let mut filled = batch_alloc(&mut regions[..want], size, flags);
     while filled < want {
-        let region = sys::mallocx(size, bins.alloc_flags);
+        let region = sys::mallocx(size, flags);
         if region.is_null() {
             break;
         }
@@ -402,7 +424,7 @@ pub(crate) fn release_thread(all: &[Cell<*const Bins>; SLOTS]) {
             for (class, bin) in (*bins).bins.iter().enumerate() {
                 release_list(bin.head.get(), class);
             }
-            destroy_tcache((*bins).tcache);
+            destroy_tcache((*bins).tcache.get());
             sys::sdallocx(
                 bins.cast_mut().cast(),
                 std::mem::size_of::<Bins>(),
