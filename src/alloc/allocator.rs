@@ -173,16 +173,14 @@ impl<A: GlobalAlloc> TrackingAllocator<A> {
         let Some(class) = classes::placed_class(size, layout.align()) else {
             return self.alloc_tagged_outlined(layout, zeroed);
         };
-        let ptr = counters::STATE
-            .try_with(|s| {
-                let slot = s.current.get();
-                let ptr = bins::take(s, slot, class);
-                if !ptr.is_null() {
-                    counters::record_alloc(s, slot, size);
-                }
-                ptr
-            })
-            .unwrap_or(std::ptr::null_mut());
+        let ptr = counters::STATE.with(|s| {
+            let slot = s.current.get();
+            let ptr = bins::take(s, slot, class);
+            if !ptr.is_null() {
+                counters::record_alloc(s, slot, size);
+            }
+            ptr
+        });
         if ptr.is_null() {
             return self.alloc_tagged_outlined(layout, zeroed);
         }
@@ -252,7 +250,7 @@ impl<A: GlobalAlloc> TrackingAllocator<A> {
         let Some(slot) = arenas::slot_of(ptr) else {
             if let Some(class) = new_class {
                 let slot = ptr.add(old_size).read();
-                let mut new_ptr = bins::take_anywhere(slot, class);
+                let mut new_ptr = counters::STATE.with(|s| bins::take(s, slot, class));
                 if new_ptr.is_null() {
                     // Placement unavailable: a small tagged allocation.
                     let new_layout = Layout::from_size_align_unchecked(new_size, align);
@@ -280,7 +278,7 @@ impl<A: GlobalAlloc> TrackingAllocator<A> {
             return ptr;
         }
         let new_ptr = match new_class {
-            Some(class) => bins::take_anywhere(slot, class),
+            Some(class) => counters::STATE.with(|s| bins::take(s, slot, class)),
             None => match tagged(Layout::from_size_align_unchecked(new_size, align)) {
                 Some(tagged) => {
                     let new_ptr = self.inner.alloc(tagged);
@@ -296,7 +294,7 @@ impl<A: GlobalAlloc> TrackingAllocator<A> {
             return new_ptr;
         }
         std::ptr::copy_nonoverlapping(ptr, new_ptr, old_size.min(new_size));
-        bins::give_anywhere(slot, old_class, ptr);
+        counters::STATE.with(|s| bins::give(s, slot, old_class, ptr));
         counters::on_realloc(slot, old_size, new_size);
         new_ptr
     }
@@ -312,14 +310,10 @@ unsafe fn dealloc_placed_slow(ptr: *mut u8, layout: Layout, slot: u8) {
         return;
     };
     let size = layout.size();
-    let freed = counters::STATE.try_with(|s| {
+    counters::STATE.with(|s| {
         counters::record_free(s, slot, size);
         bins::give(s, slot, class, ptr);
     });
-    if freed.is_err() {
-        counters::on_free(slot, size);
-        bins::give_anywhere(slot, class, ptr);
-    }
 }
 
 /// A small tagged allocation over jemalloc, bypassing the thread's automatic tcache, whose

@@ -29,8 +29,9 @@
 
 use std::cell::Cell;
 use std::ffi::{c_uint, c_void};
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
+use std::sync::OnceLock;
 
+use tikv_jemalloc_ctl::raw;
 use tikv_jemalloc_sys as sys;
 
 use super::arenas;
@@ -108,39 +109,10 @@ fn bins(state: &ThreadState, slot: u8) -> &Bins {
     unsafe { &*state.bins.get_unchecked(usize::from(slot)).get() }
 }
 
-/// A free region of `class` for `slot`, or null if placement is unavailable (the caller
-/// then tags the allocation).
-#[inline(always)]
-pub(crate) unsafe fn take(state: &ThreadState, slot: u8, class: usize) -> *mut u8 {
-    // SAFETY: class indices come from `classes`, below CLASSES.
-    let bin = unsafe { bins(state, slot).bins.get_unchecked(class) };
-    let head = bin.head.get();
-    if head.is_null() {
-        return refill(state, slot, class);
-    }
-    bin.head.set(head.cast::<*mut u8>().read());
-    bin.room.set(bin.room.get() + 1);
-    head
-}
-
-/// Gives back a region of `class` that `slot`'s arena placed.
-#[inline(always)]
-pub(crate) unsafe fn give(state: &ThreadState, slot: u8, class: usize, region: *mut u8) {
-    // SAFETY: as in `take`.
-    let bin = unsafe { bins(state, slot).bins.get_unchecked(class) };
-    let room = bin.room.get();
-    if room == 0 {
-        return overflow(state, slot, class, region);
-    }
-    region.cast::<*mut u8>().write(bin.head.get());
-    bin.head.set(region);
-    bin.room.set(room - 1);
-}
-
 /// A free region of `class` for `slot` if the thread's list has one (no refill).
 #[inline(always)]
 pub(crate) unsafe fn pop(state: &ThreadState, slot: u8, class: usize) -> *mut u8 {
-    // SAFETY: as in `take`.
+    // SAFETY: class indices come from `classes`, below CLASSES.
     let bin = unsafe { bins(state, slot).bins.get_unchecked(class) };
     let head = bin.head.get();
     if !head.is_null() {
@@ -154,7 +126,7 @@ pub(crate) unsafe fn pop(state: &ThreadState, slot: u8, class: usize) -> *mut u8
 /// not (the region is untouched).
 #[inline(always)]
 pub(crate) unsafe fn push(state: &ThreadState, slot: u8, class: usize, region: *mut u8) -> bool {
-    // SAFETY: as in `take`.
+    // SAFETY: as in `pop`.
     let bin = unsafe { bins(state, slot).bins.get_unchecked(class) };
     let room = bin.room.get();
     if room == 0 {
@@ -166,20 +138,23 @@ pub(crate) unsafe fn push(state: &ThreadState, slot: u8, class: usize, region: *
     true
 }
 
-/// [`take`] from any thread state, including none (a thread past its teardown).
-pub(crate) unsafe fn take_anywhere(slot: u8, class: usize) -> *mut u8 {
-    counters::STATE
-        .try_with(|s| take(s, slot, class))
-        .unwrap_or_else(|_| match arenas::flag(slot) {
-            Some(arena) => sys::mallocx(class_size(class), arena | sys::MALLOCX_TCACHE_NONE).cast(),
-            None => std::ptr::null_mut(),
-        })
+/// A free region of `class` for `slot`, refilling the list if it is empty; null if
+/// placement is unavailable (the caller then tags the allocation).
+#[inline(always)]
+pub(crate) unsafe fn take(state: &ThreadState, slot: u8, class: usize) -> *mut u8 {
+    let region = pop(state, slot, class);
+    if region.is_null() {
+        return refill(state, slot, class);
+    }
+    region
 }
 
-/// [`give`] from any thread state, including none.
-pub(crate) unsafe fn give_anywhere(slot: u8, class: usize, region: *mut u8) {
-    if counters::STATE.try_with(|s| give(s, slot, class, region)).is_err() {
-        release(region, class);
+/// Gives back a region of `class` that `slot`'s arena placed, making room if the list
+/// is full.
+#[inline(always)]
+pub(crate) unsafe fn give(state: &ThreadState, slot: u8, class: usize, region: *mut u8) {
+    if !push(state, slot, class, region) {
+        overflow(state, slot, class, region);
     }
 }
 
@@ -241,35 +216,17 @@ impl Bins {
 
 /// A new explicit tcache, if jemalloc has one to give.
 fn create_tcache() -> Option<c_uint> {
-    let mut index: c_uint = 0;
-    let mut len = std::mem::size_of::<c_uint>();
-    // SAFETY: "tcache.create" writes an unsigned.
-    let rc = unsafe {
-        sys::mallctl(
-            c"tcache.create".as_ptr(),
-            (&raw mut index).cast(),
-            &mut len,
-            std::ptr::null_mut(),
-            0,
-        )
-    };
-    (rc == 0 && index < NO_TCACHE - 1).then_some(index)
+    // SAFETY: "tcache.create" reads as an unsigned.
+    let index = unsafe { raw::read::<c_uint>(b"tcache.create\0") }.ok()?;
+    (index < NO_TCACHE - 1).then_some(index)
 }
 
 /// Destroys a tcache (a [`Bins::tcache`] state); what it cached goes back to the arenas.
 fn destroy_tcache(tcache: u32) {
     if !matches!(tcache, NO_TCACHE_YET | NO_TCACHE) {
-        let mut index: c_uint = tcache - 1;
-        // SAFETY: "tcache.destroy" takes an unsigned.
-        unsafe {
-            sys::mallctl(
-                c"tcache.destroy".as_ptr(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                (&raw mut index).cast(),
-                std::mem::size_of::<c_uint>(),
-            );
-        }
+        // SAFETY: "tcache.destroy" takes an unsigned. It fails only for an index that
+        // is not a live tcache, which leaves nothing to do.
+        let _ = unsafe { raw::write::<c_uint>(b"tcache.destroy\0", tcache - 1) };
     }
 }
 
@@ -313,11 +270,8 @@ unsafe fn refill(state: &ThreadState, slot: u8, class: usize) -> *mut u8 {
     first.cast()
 }
 
-const UNRESOLVED: u8 = 0;
-const RESOLVED: u8 = 1;
-const MISSING: u8 = 2;
-static BATCH_MIB_STATE: AtomicU8 = AtomicU8::new(UNRESOLVED);
-static BATCH_MIB: [AtomicUsize; 2] = [const { AtomicUsize::new(0) }; 2];
+/// The MIB of `experimental.batch_alloc`, looked up once; `None` if this jemalloc lacks it.
+static BATCH_MIB: OnceLock<Option<[usize; 2]>> = OnceLock::new();
 
 /// The argument of `experimental.batch_alloc`.
 #[repr(C)]
@@ -331,24 +285,15 @@ struct BatchPacket {
 /// Fills `regions` with `experimental.batch_alloc` (taking from the tcache in bulk);
 /// returns how many it filled (0 if the control is missing).
 unsafe fn batch_alloc(regions: &mut [*mut c_void], size: usize, flags: i32) -> usize {
-    let mut mib = [0usize; 2];
-    match BATCH_MIB_STATE.load(Acquire) {
-        RESOLVED => {
-            mib = [BATCH_MIB[0].load(Relaxed), BATCH_MIB[1].load(Relaxed)];
-        }
-        MISSING => return 0,
-        _ => {
-            let mut len = mib.len();
-            if sys::mallctlnametomib(c"experimental.batch_alloc".as_ptr(), mib.as_mut_ptr(), &mut len) != 0 || len != 2
-            {
-                BATCH_MIB_STATE.store(MISSING, Release);
-                return 0;
-            }
-            BATCH_MIB[0].store(mib[0], Relaxed);
-            BATCH_MIB[1].store(mib[1], Relaxed);
-            BATCH_MIB_STATE.store(RESOLVED, Release);
-        }
-    }
+    let mib = BATCH_MIB.get_or_init(|| {
+        let mut mib = [0usize; 2];
+        raw::name_to_mib(b"experimental.batch_alloc\0", &mut mib)
+            .ok()
+            .map(|()| mib)
+    });
+    let Some(mib) = mib else {
+        return 0;
+    };
     let mut packet = BatchPacket {
         ptrs: regions.as_mut_ptr(),
         num: regions.len(),

@@ -65,7 +65,8 @@ pub(crate) struct ThreadState {
 
 thread_local! {
     // const-initialised and without a destructor: usable from inside the allocator,
-    // at any point of a thread's life, without allocating.
+    // at any point of a thread's life (`with` never fails), without allocating. What
+    // must happen at thread exit is done by `RELEASE`'s destructor.
     pub(crate) static STATE: ThreadState = const {
         ThreadState {
             current: Cell::new(0),
@@ -83,11 +84,14 @@ thread_local! {
     static RELEASE: Release = const { Release };
 }
 
+// `STATE.with` never fails only while `ThreadState` has nothing to drop.
+const _: () = assert!(!std::mem::needs_drop::<ThreadState>());
+
 struct Release;
 
 impl Drop for Release {
     fn drop(&mut self) {
-        let _ = STATE.try_with(|s| {
+        STATE.with(|s| {
             // Later allocations of this exiting thread go to the shared shard.
             s.shard.set(std::ptr::null());
             s.tried.set(true);
@@ -142,14 +146,26 @@ pub(crate) fn owned_shard(state: &ThreadState) -> Option<&'static Shard> {
 #[inline(always)]
 pub(crate) fn record_alloc_owned(state: &ThreadState, shard: &Shard, slot: u8, size: usize) {
     bump(&shard.allocated[usize::from(slot)], size as u64);
-    state.alloc_bytes.set(state.alloc_bytes.get().wrapping_add(size as u64));
-    state.alloc_count.set(state.alloc_count.get().wrapping_add(1));
+    note_alloc(state, size);
 }
 
 /// Records a free in the thread's own shard (see [`owned_shard`]).
 #[inline(always)]
 pub(crate) fn record_free_owned(state: &ThreadState, shard: &Shard, slot: u8, size: usize) {
     bump(&shard.freed[usize::from(slot)], size as u64);
+    note_free(state, size);
+}
+
+/// Adds an allocation to the thread's totals for span accounting.
+#[inline(always)]
+fn note_alloc(state: &ThreadState, size: usize) {
+    state.alloc_bytes.set(state.alloc_bytes.get().wrapping_add(size as u64));
+    state.alloc_count.set(state.alloc_count.get().wrapping_add(1));
+}
+
+/// Adds a free to the thread's totals for span accounting.
+#[inline(always)]
+fn note_free(state: &ThreadState, size: usize) {
     state.free_bytes.set(state.free_bytes.get().wrapping_add(size as u64));
 }
 
@@ -197,60 +213,40 @@ fn freed(shard: &Shard) -> &[AtomicU64; TAGS] {
 /// returns that component's slot (the tag to store with the allocation).
 #[inline(always)]
 pub(crate) fn on_alloc(size: usize) -> u8 {
-    STATE
-        .try_with(|s| {
-            let slot = s.current.get();
-            record_alloc(s, slot, size);
-            slot
-        })
-        .unwrap_or_else(|_| torn_down(&SHARED_SHARD.allocated[0], size))
+    STATE.with(|s| {
+        let slot = s.current.get();
+        record_alloc(s, slot, size);
+        slot
+    })
 }
 
 /// Records an allocation of `size` bytes attributed to `slot`, in this thread's state.
 #[inline(always)]
 pub(crate) fn record_alloc(s: &ThreadState, slot: u8, size: usize) {
     add(s, allocated, slot, size as u64);
-    s.alloc_bytes.set(s.alloc_bytes.get().wrapping_add(size as u64));
-    s.alloc_count.set(s.alloc_count.get().wrapping_add(1));
+    note_alloc(s, size);
 }
 
 /// Records that `size` bytes allocated by `slot` were freed (by any thread).
 #[inline(always)]
 pub(crate) fn on_free(slot: u8, size: usize) {
-    if STATE.try_with(|s| record_free(s, slot, size)).is_err() {
-        torn_down(&SHARED_SHARD.freed[usize::from(slot)], size);
-    }
+    STATE.with(|s| record_free(s, slot, size));
 }
 
 /// Records that `size` bytes allocated by `slot` were freed, in this thread's state.
 #[inline(always)]
 pub(crate) fn record_free(s: &ThreadState, slot: u8, size: usize) {
     add(s, freed, slot, size as u64);
-    s.free_bytes.set(s.free_bytes.get().wrapping_add(size as u64));
+    note_free(s, size);
 }
 
 /// Records a reallocation from `old` to `new` bytes of an allocation owned by `slot`.
 #[inline(always)]
 pub(crate) fn on_realloc(slot: u8, old: usize, new: usize) {
-    let recorded = STATE.try_with(|s| {
-        add(s, allocated, slot, new as u64);
-        add(s, freed, slot, old as u64);
-        s.alloc_bytes.set(s.alloc_bytes.get().wrapping_add(new as u64));
-        s.alloc_count.set(s.alloc_count.get().wrapping_add(1));
-        s.free_bytes.set(s.free_bytes.get().wrapping_add(old as u64));
+    STATE.with(|s| {
+        record_alloc(s, slot, new);
+        record_free(s, slot, old);
     });
-    if recorded.is_err() {
-        torn_down(&SHARED_SHARD.allocated[usize::from(slot)], new);
-        torn_down(&SHARED_SHARD.freed[usize::from(slot)], old);
-    }
-}
-
-/// After the thread-local state is gone: count in the shared shard, as `other`.
-#[cold]
-#[inline(never)]
-fn torn_down(counter: &AtomicU64, size: usize) -> u8 {
-    counter.fetch_add(size as u64, Relaxed);
-    0
 }
 
 /// Whether a [`TrackingAllocator`](super::TrackingAllocator) has served any allocation.

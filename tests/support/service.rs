@@ -18,40 +18,11 @@ pub const WAIT: Duration = Duration::from_secs(10);
 /// How often a bounded wait looks again.
 pub const POLL: Duration = Duration::from_millis(25);
 
-/// Variables the binary (or the OpenTelemetry SDK inside it) reads: never inherited.
-pub const CLEARED: &[&str] = &[
-    "MEMTEL_CONFIG",
-    "MEMTEL_LISTEN",
-    "MEMTEL_LIMIT_MB",
-    "MEMTEL_WARNING_THRESHOLD",
-    "MEMTEL_CRITICAL_THRESHOLD",
-    "MEMTEL_DEMO",
-    "OTEL_SDK_DISABLED",
-    "OTEL_METRICS_EXPORTER",
-    "OTEL_EXPORTER_OTLP_PROTOCOL",
-    "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
-    "OTEL_EXPORTER_OTLP_ENDPOINT",
-    "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
-    "OTEL_EXPORTER_OTLP_HEADERS",
-    "OTEL_EXPORTER_OTLP_METRICS_HEADERS",
-    "OTEL_EXPORTER_OTLP_TIMEOUT",
-    "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT",
-    "OTEL_EXPORTER_OTLP_COMPRESSION",
-    "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION",
-    "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE",
-    "OTEL_METRIC_EXPORT_INTERVAL",
-    "OTEL_METRIC_EXPORT_TIMEOUT",
-    "OTEL_SERVICE_NAME",
-    "OTEL_RESOURCE_ATTRIBUTES",
-    "RUST_LOG",
-];
-
 /// The binary with a clean environment and nothing exported.
 pub fn memtel() -> Command {
     let mut cmd = Command::new(BIN);
-    for name in CLEARED {
-        cmd.env_remove(name);
-    }
+    // Variables the binary (or the OpenTelemetry SDK inside it) reads: never inherited.
+    cmd.env_remove("RUST_LOG");
     for (name, _) in std::env::vars_os() {
         if let Some(name) = name.to_str() {
             if name.starts_with("MEMTEL_") || name.starts_with("OTEL_") {
