@@ -48,15 +48,46 @@ use super::{arenas, bins, classes};
 /// assert!(cache.live_bytes() >= 1 << 20);
 /// drop(buffer);
 /// ```
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct TrackingAllocator<A> {
     inner: A,
+    /// Whether small allocations may be placed (over jemalloc).
+    placement: bool,
+}
+
+impl<A: Default> Default for TrackingAllocator<A> {
+    fn default() -> Self {
+        Self::new(A::default())
+    }
 }
 
 impl<A> TrackingAllocator<A> {
-    /// Wraps `inner`, which serves the actual memory.
+    /// Wraps `inner`, which serves the actual memory: over jemalloc, small allocations are
+    /// placed (unless the environment variable `MEMTEL_ALLOC_SCHEME` is `tags`), the rest
+    /// tagged.
     pub const fn new(inner: A) -> Self {
-        Self { inner }
+        Self { inner, placement: true }
+    }
+
+    /// Wraps `inner` and attributes every allocation with a tag, never by placement: the
+    /// simplest scheme, for an environment where placement misbehaves. Attribution is as
+    /// exact; allocations of exactly a size class take the next class.
+    ///
+    /// ```
+    /// use memtel::alloc::TrackingAllocator;
+    ///
+    /// #[global_allocator]
+    /// static GLOBAL: TrackingAllocator<tikv_jemallocator::Jemalloc> =
+    ///     TrackingAllocator::tags_only(tikv_jemallocator::Jemalloc);
+    ///
+    /// let cache = memtel::component("cache");
+    /// let buffer = cache.in_scope(|| vec![0u8; 64]);
+    /// assert_eq!(cache.live_bytes(), 64);
+    /// assert_eq!(memtel::alloc::component_arenas(), 0);
+    /// # drop(buffer);
+    /// ```
+    pub const fn tags_only(inner: A) -> Self {
+        Self { inner, placement: false }
     }
 }
 
@@ -170,6 +201,9 @@ impl<A: GlobalAlloc> TrackingAllocator<A> {
     #[inline(never)]
     unsafe fn alloc_slow(&self, layout: Layout, zeroed: bool) -> *mut u8 {
         let size = layout.size();
+        if arenas::never_placed() {
+            return self.alloc_tagged(layout, zeroed);
+        }
         let Some(class) = classes::placed_class(size, layout.align()) else {
             return self.alloc_tagged_outlined(layout, zeroed);
         };
@@ -277,18 +311,28 @@ impl<A: GlobalAlloc> TrackingAllocator<A> {
             counters::on_realloc(slot, old_size, new_size);
             return ptr;
         }
-        let new_ptr = match new_class {
+        let placed = match new_class {
             Some(class) => counters::STATE.with(|s| bins::take(s, slot, class)),
-            None => match tagged(Layout::from_size_align_unchecked(new_size, align)) {
+            None => std::ptr::null_mut(),
+        };
+        // Not placed (a large size, or the arena cannot serve it now): tagged, small or large.
+        let new_ptr = if placed.is_null() {
+            match tagged(Layout::from_size_align_unchecked(new_size, align)) {
                 Some(tagged) => {
-                    let new_ptr = self.inner.alloc(tagged);
+                    let new_ptr = if new_class.is_some() {
+                        small_tagged(tagged, false)
+                    } else {
+                        self.inner.alloc(tagged)
+                    };
                     if !new_ptr.is_null() {
                         new_ptr.add(new_size).write(slot);
                     }
                     new_ptr
                 }
                 None => std::ptr::null_mut(),
-            },
+            }
+        } else {
+            placed
         };
         if new_ptr.is_null() {
             return new_ptr;
@@ -317,12 +361,16 @@ unsafe fn dealloc_placed_slow(ptr: *mut u8, layout: Layout, slot: u8) {
 }
 
 /// A small tagged allocation over jemalloc, bypassing the thread's automatic tcache, whose
-/// small bins take freed placed regions (see `bins`) and must never hand them out.
+/// small bins take freed placed regions (see `bins`) and must never hand them out — unless
+/// nothing is ever placed in this process.
 #[cfg(feature = "jemalloc")]
 #[cold]
 unsafe fn small_tagged(tagged: Layout, zeroed: bool) -> *mut u8 {
     use tikv_jemalloc_sys as sys;
-    let mut flags = sys::MALLOCX_LG_ALIGN(tagged.align().trailing_zeros() as usize) | sys::MALLOCX_TCACHE_NONE;
+    let mut flags = sys::MALLOCX_LG_ALIGN(tagged.align().trailing_zeros() as usize);
+    if !arenas::never_placed() {
+        flags |= sys::MALLOCX_TCACHE_NONE;
+    }
     if zeroed {
         flags |= sys::MALLOCX_ZERO;
     }
@@ -338,7 +386,7 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for TrackingAllocator<A> {
     #[inline(always)]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         #[cfg(feature = "jemalloc")]
-        if places_in_arenas::<A>() {
+        if places_in_arenas::<A>() && self.placement {
             return self.alloc_fast(layout, false);
         }
         self.alloc_tagged(layout, false)
@@ -347,7 +395,7 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for TrackingAllocator<A> {
     #[inline(always)]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         #[cfg(feature = "jemalloc")]
-        if places_in_arenas::<A>() {
+        if places_in_arenas::<A>() && self.placement {
             return self.alloc_fast(layout, true);
         }
         self.alloc_tagged(layout, true)
@@ -356,7 +404,7 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for TrackingAllocator<A> {
     #[inline(always)]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         #[cfg(feature = "jemalloc")]
-        if places_in_arenas::<A>() {
+        if places_in_arenas::<A>() && self.placement {
             return match arenas::slot_of(ptr) {
                 Some(slot) => self.dealloc_placed(ptr, layout, slot),
                 None => self.dealloc_tagged_outlined(ptr, layout),
@@ -368,7 +416,7 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for TrackingAllocator<A> {
     #[inline(always)]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         #[cfg(feature = "jemalloc")]
-        if places_in_arenas::<A>() {
+        if places_in_arenas::<A>() && self.placement {
             return self.realloc_placed(ptr, layout, new_size);
         }
         self.realloc_tagged(ptr, layout, new_size)

@@ -9,37 +9,25 @@
 //! caller may never have.
 //!
 //! One `PROT_NONE` reservation of 64 GiB of address space is made on first use (no memory:
-//! pages are made accessible as the arenas take them). The arenas take it in 2 MiB chunks
-//! by bumping one pointer, and a table records which arena owns each chunk; jemalloc
-//! retains and reuses what it was given and returns unused pages to the kernel with
-//! `madvise`, as it does for its own arenas. Threads reach the arenas through caches of
-//! their own (`bins`, which also says how jemalloc's tcaches are used without mixing
-//! components).
+//! pages are made accessible as the arenas take them); `chunks` hands it out in 2 MiB
+//! chunks, one component each, and takes back and reuses what jemalloc gives back.
+//! jemalloc returns unused pages to the kernel with `madvise`, as it does for its own
+//! arenas. Threads reach the arenas through caches of their own (`bins`, which also says
+//! how jemalloc's tcaches are used without mixing components).
 //!
 //! Whatever cannot be done — the reservation refused (e.g. by `RLIMIT_AS`), an arena not
 //! created, the reservation used up — falls back to the tag, which is always right.
 
 use std::cell::UnsafeCell;
 use std::ffi::{c_uint, c_void};
-use std::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
 
 use tikv_jemalloc_sys as sys;
 
+use super::chunks;
 use super::counters::SLOTS;
 
-/// The reservation: 64 GiB of address space, shared by every arena and handed out in
-/// 2 MiB chunks, each recorded in [`CHUNK_SLOT`] as its arena's slot. (Dense, so the
-/// arenas share jemalloc's page-map nodes; past 64 GiB of placed allocations, new
-/// allocations carry tags again.)
-const TOTAL: usize = 64 << 30;
-const CHUNK_SHIFT: u32 = 21;
-const CHUNK: usize = 1 << CHUNK_SHIFT;
-const CHUNKS: usize = TOTAL >> CHUNK_SHIFT;
-
-/// Until the reservation exists `BASE` holds an address no user pointer is within
-/// `TOTAL` of (the kernel's half), so [`slot_of`] is false for every pointer.
-const UNRESERVED: usize = 1 << 63;
-static BASE: AtomicUsize = AtomicUsize::new(UNRESERVED);
+pub(crate) use chunks::slot_of;
 
 const UNTRIED: u8 = 0;
 const RESERVING: u8 = 1;
@@ -51,11 +39,11 @@ static RESERVATION: AtomicU8 = AtomicU8::new(UNTRIED);
 static ARENAS: [AtomicU32; SLOTS] = [const { AtomicU32::new(0) }; SLOTS];
 const BUSY: u32 = u32::MAX;
 const FAILED: u32 = u32::MAX - 1;
-/// How much of the reservation the arenas have taken, in bytes.
-static TAKEN: AtomicUsize = AtomicUsize::new(0);
-/// The slot whose arena owns each chunk of the reservation (32 KiB; untouched entries
-/// cost no memory).
-static CHUNK_SLOT: [AtomicU8; CHUNKS] = [const { AtomicU8::new(0) }; CHUNKS];
+
+/// jemalloc's `opt.retain`: whether it keeps extents it no longer needs (then the hooks
+/// decline to give them back, as jemalloc's own do) or hands them back (then the pages
+/// go back to the kernel and the chunks are reused).
+static RETAIN: AtomicBool = AtomicBool::new(true);
 
 /// One hook table per slot: jemalloc passes the table to every hook, which is how a
 /// hook knows its slot.
@@ -79,21 +67,6 @@ static HOOKS: [SlotHooks; SLOTS] = [const {
     }))
 }; SLOTS];
 
-/// The slot whose arena placed `ptr`, if an arena did.
-///
-/// The chunk's entry was written before its arena returned any pointer into it, and a
-/// pointer reaches the thread freeing it through whatever synchronization handed it
-/// over, so a relaxed load sees the entry.
-#[inline(always)]
-pub(crate) fn slot_of(ptr: *mut u8) -> Option<u8> {
-    let offset = (ptr as usize).wrapping_sub(BASE.load(Relaxed));
-    if offset < TOTAL {
-        Some(CHUNK_SLOT[offset >> CHUNK_SHIFT].load(Relaxed))
-    } else {
-        None
-    }
-}
-
 /// The `mallocx` flag naming `slot`'s arena (created on first use); `None` if the arena
 /// does not exist and cannot be created.
 #[inline]
@@ -104,40 +77,6 @@ pub(crate) fn flag(slot: u8) -> Option<i32> {
         index => index - 1,
     };
     Some(sys::MALLOCX_ARENA(arena as usize))
-}
-
-/// Maps `TOTAL` bytes with no access, starting on a chunk boundary: chunks are aligned
-/// to [`CHUNK`] in absolute terms (jemalloc asks for aligned extents), so the table's
-/// entries must be too. The kernel aligns large mappings on some versions only, so this
-/// maps a chunk more and unmaps the slack on either side.
-fn map_aligned_reservation() -> Option<*mut u8> {
-    // SAFETY: a fresh anonymous mapping with no access; nothing else refers to it.
-    let raw = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            TOTAL + CHUNK,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if raw == libc::MAP_FAILED {
-        return None;
-    }
-    let start = raw as usize;
-    let base = start.next_multiple_of(CHUNK);
-    let (head, tail) = (base - start, start + CHUNK - base);
-    // SAFETY: both ranges lie in the mapping just made, outside [base, base + TOTAL).
-    unsafe {
-        if head > 0 {
-            libc::munmap(raw, head);
-        }
-        if tail > 0 {
-            libc::munmap((base + TOTAL) as *mut c_void, tail);
-        }
-    }
-    Some(base as *mut u8)
 }
 
 /// Creates `slot`'s arena, its pages taken from the reservation. Another thread creating it meanwhile
@@ -180,7 +119,8 @@ pub(crate) fn count() -> usize {
         .count()
 }
 
-/// Reserves the address space once; false if it is unavailable.
+/// Reserves the address space once; false if it is unavailable (or placement is turned
+/// off: see [`super::scheme`]).
 fn reserve() -> bool {
     match RESERVATION.compare_exchange(UNTRIED, RESERVING, Acquire, Acquire) {
         Ok(_) => {}
@@ -188,23 +128,31 @@ fn reserve() -> bool {
         // Unavailable, or another thread is reserving: this allocation uses the tag.
         Err(_) => return false,
     }
-    let Some(base) = map_aligned_reservation() else {
-        RESERVATION.store(UNAVAILABLE, Release);
-        return false;
-    };
-    if !super::classes::matches_jemalloc() {
-        // SAFETY: unmapping the mapping made just above, which nothing uses.
-        unsafe { libc::munmap(base.cast(), TOTAL) };
+    if !super::scheme::placement_wanted() || !super::classes::matches_jemalloc() || !super::bins::init() {
         RESERVATION.store(UNAVAILABLE, Release);
         return false;
     }
-    BASE.store(base as usize, Release);
+    let Some(base) = chunks::map_aligned_reservation() else {
+        RESERVATION.store(UNAVAILABLE, Release);
+        return false;
+    };
+    // SAFETY: "opt.retain" reads as a bool.
+    let retain = unsafe { tikv_jemalloc_ctl::raw::read::<bool>(b"opt.retain\0") }.unwrap_or(true);
+    RETAIN.store(retain, Relaxed);
+    chunks::install(base);
     RESERVATION.store(READY, Release);
     true
 }
 
+/// Whether placement is known never to happen in this process (the reservation was refused
+/// or placement is turned off): then nothing placed ever reaches jemalloc's tcaches.
+#[inline]
+pub(crate) fn never_placed() -> bool {
+    RESERVATION.load(Relaxed) == UNAVAILABLE
+}
+
 // ---------------------------------------------------------------------------------------
-// Extent hooks: each slot's arena takes its pages from the reservation, in whole chunks.
+// Extent hooks: each slot's arena takes its pages from the reservation (see `chunks`).
 
 /// The slot a hook table belongs to.
 fn hook_slot(hooks: *mut sys::extent_hooks_t) -> usize {
@@ -221,52 +169,32 @@ unsafe extern "C" fn hook_alloc(
     _arena: c_uint,
 ) -> *mut c_void {
     // Extending an extent in place would need that exact address; decline.
-    if !new_addr.is_null() || size == 0 || !alignment.is_power_of_two() {
+    if !new_addr.is_null() {
         return std::ptr::null_mut();
     }
-    let slot = hook_slot(hooks);
-    let base = BASE.load(Acquire);
-    // Whole chunks, so every chunk belongs to one arena.
-    let Some(size) = size.checked_next_multiple_of(CHUNK) else {
+    let Some(address) = chunks::take(hook_slot(hooks), size, alignment) else {
         return std::ptr::null_mut();
     };
-    let alignment = alignment.max(CHUNK);
-    let mut taken = TAKEN.load(Relaxed);
-    let address = loop {
-        let Some(address) = (base + taken).checked_next_multiple_of(alignment) else {
-            return std::ptr::null_mut();
-        };
-        let Some(end) = address.checked_add(size).filter(|&end| end <= base + TOTAL) else {
-            return std::ptr::null_mut();
-        };
-        match TAKEN.compare_exchange_weak(taken, end - base, Relaxed, Relaxed) {
-            Ok(_) => break address,
-            Err(now) => taken = now,
-        }
-    };
-    let first = (address - base) >> CHUNK_SHIFT;
-    for entry in &CHUNK_SLOT[first..first + (size >> CHUNK_SHIFT)] {
-        entry.store(slot as u8, Relaxed);
-    }
-    // SAFETY: the pages lie inside the reservation and belong to this extent alone.
-    if libc::mprotect(address as *mut c_void, size, libc::PROT_READ | libc::PROT_WRITE) != 0 {
-        return std::ptr::null_mut();
-    }
-    // Never handed out before: the kernel's zero pages.
+    // Never handed out since the pages were last replaced: the kernel's zero pages.
     *zero = true;
     *commit = true;
-    address as *mut c_void
+    address
 }
 
-/// Declines, so jemalloc keeps the extent for reuse (as it does with `opt.retain`).
+/// With `opt.retain` (jemalloc's default) declines, so jemalloc keeps the extent for
+/// reuse as it does with its own; otherwise takes it back for any component to reuse.
 unsafe extern "C" fn hook_dalloc(
     _hooks: *mut sys::extent_hooks_t,
-    _addr: *mut c_void,
-    _size: usize,
+    addr: *mut c_void,
+    size: usize,
     _committed: bool,
     _arena: c_uint,
 ) -> bool {
-    true
+    if RETAIN.load(Relaxed) {
+        return true;
+    }
+    chunks::give_back(addr, size);
+    false
 }
 
 /// Arenas are never destroyed; the pages stay reserved.
@@ -334,16 +262,6 @@ unsafe extern "C" fn hook_merge(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_reservation_starts_on_a_chunk_boundary() {
-        for _ in 0..8 {
-            let base = map_aligned_reservation().expect("reserve");
-            assert_eq!(base as usize % CHUNK, 0, "{base:p}");
-            // SAFETY: the mapping just made.
-            unsafe { libc::munmap(base.cast(), TOTAL) };
-        }
-    }
 
     #[test]
     fn no_pointer_is_placed_before_the_reservation() {

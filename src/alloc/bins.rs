@@ -2,33 +2,47 @@
 //!
 //! jemalloc's fast paths (`malloc`, `sdallocx` without flags) serve a thread from its
 //! automatic tcache, which mixes every arena's regions; naming an arena or an explicit
-//! tcache takes its general path: an allocation and free cost about twice the instructions. So placed allocations are served
-//! from caches of their own: each thread keeps, per component it touches, one free list
-//! per size class of regions of that component's arena. Taking or giving a region is a
-//! few loads and stores; only an empty list (refilled with half its capacity from the
-//! arena) or a full one (its older half returned to the arena) reaches jemalloc.
+//! tcache takes its general path, about twice the instructions. So placed allocations are
+//! served from caches of their own: each thread keeps, per component it touches, one free
+//! list per size class of regions of that component's arena. Taking or giving a region is
+//! a few loads and stores; only an empty list (refilled from the arena) or a full one (its
+//! older half returned to jemalloc) reaches jemalloc.
 //!
-//! A region freed by another thread or inside another component joins the freeing
-//! thread's list for the region's own component (known from its address), so a list only
-//! ever holds its component's regions. The lists are bounded (see [`CAP_BYTES`]) and
-//! returned to the arenas when the thread exits; a thread that is exiting, or has
-//! exited, uses the arenas directly.
+//! What makes this safe and bounded:
 //!
-//! Refills come from an explicit jemalloc tcache per thread and component
-//! (`tcache.create`, on the first refill), which takes regions from the arena in batches; a refill takes its
-//! regions from that tcache in one `experimental.batch_alloc` call. (Without a tcache
-//! every region would take the arena's lock: the realistic benchmark took 1.38× the
-//! instructions.)
-//! Returns go through the thread's automatic tcache, jemalloc's fast path, which hands
-//! each region back to its own arena in batches. That tcache therefore mixes components,
-//! so nothing allocates small sizes from it: small tagged allocations bypass it
-//! (`allocator`). jemalloc has at most 4,093 explicit tcaches at once; past that, refills
-//! go to the arena directly, slower but as exact. An explicit tcache keeps what it
-//! fetched until its thread exits (jemalloc trims only automatic ones): up to half of
-//! jemalloc's per-class tcache capacity, for each component a thread allocates in.
+//! - **A region is placed only if its address proves it.** Every region a refill gets is
+//!   checked against the chunk table (`chunks::slot_of`): after jemalloc has cleaned up a
+//!   thread's state (a TLS or pthread-key destructor that allocates later), jemalloc serves
+//!   `MALLOCX_ARENA` requests from arena 0, and such a region is handed straight back
+//!   (the allocation then takes a tag). A free decides placed-or-tagged by the address
+//!   alone, so no tag is ever read that was not written, and every region goes back with
+//!   its own class size.
+//! - **A thread's lists hold at most [`BUDGET`] bytes, whatever the number of
+//!   components** (and each list at most [`CAP_BYTES`], or [`CAP_MIN`] regions). A free
+//!   that would pass the budget trims the list it goes to, or goes to jemalloc directly.
+//! - **A thread has at most one explicit tcache** (`tcache.create`, made on its first
+//!   refill), used only for refills, which take regions from it in one
+//!   `experimental.batch_alloc` call (without a tcache every region would take the arena's
+//!   lock: 1.38× the instructions on the realistic benchmark). It holds at most what one
+//!   component's refills fetched ahead; before it serves another component it is flushed
+//!   (`tcache.flush`), so it never mixes components. A refill asks for fewer regions than a
+//!   slab holds, so jemalloc takes them from partly used slabs first (a batch of a slab's
+//!   region count or more takes fresh slabs only, and freed holes would never be reused).
+//! - **Returns go through the thread's automatic tcache**, jemalloc's fast path, which
+//!   hands each region back to its own arena in batches and is trimmed by jemalloc as usual.
+//!   That tcache therefore mixes components, so nothing allocates small sizes from it while
+//!   placement is on: small tagged allocations bypass it (`allocator`).
+//! - **A thread's lists and its tcache go back to jemalloc when it exits.** After a `fork`,
+//!   the child forgets the explicit tcache it inherited (jemalloc relinks only automatic
+//!   ones in the child; destroying an inherited explicit one trips its assertions): what it
+//!   held stays unused in the child, at most one tcache's worth.
+//!
+//! What the lists hold is published in [`CACHED`] at each refill, return and thread exit
+//! ([`cached_bytes`]).
 
 use std::cell::Cell;
 use std::ffi::{c_uint, c_void};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed};
 use std::sync::OnceLock;
 
 use tikv_jemalloc_ctl::raw;
@@ -38,10 +52,12 @@ use super::arenas;
 use super::classes::{CLASSES, CLASS_SIZE};
 use super::counters::{self, ThreadState, SLOTS};
 
-/// Bytes a thread's list of one class may hold for one component (at least
-/// [`CAP_MIN`] and at most [`CAP_MAX`] regions): what a list holds between refills.
+/// Bytes a thread's lists may hold in all, over every component and class.
+pub(crate) const BUDGET: usize = 256 << 10;
+/// Bytes one list (a component and class) may hold, at least [`CAP_MIN`] and at most
+/// [`CAP_MAX`] regions: what a list holds between refills.
 const CAP_BYTES: usize = 16 << 10;
-const CAP_MIN: u32 = 12;
+const CAP_MIN: u32 = 4;
 const CAP_MAX: u32 = 64;
 
 /// Each class's list capacity, in regions.
@@ -64,6 +80,38 @@ const fn caps() -> [u32; CLASSES] {
     caps
 }
 
+/// Regions per refill of each class: half a list, and fewer than a slab holds (read from
+/// jemalloc by [`init`]).
+static REFILL: [AtomicU32; CLASSES] = [const { AtomicU32::new(1) }; CLASSES];
+
+/// Reads each class's slab size from jemalloc and checks its bins are the classes placed;
+/// registers the `fork` handler. False if placement must stay off.
+pub(crate) fn init() -> bool {
+    let (mut nregs_mib, mut size_mib) = ([0usize; 4], [0usize; 4]);
+    if raw::name_to_mib(b"arenas.bin.0.nregs\0", &mut nregs_mib).is_err()
+        || raw::name_to_mib(b"arenas.bin.0.size\0", &mut size_mib).is_err()
+    {
+        return false;
+    }
+    for class in 0..CLASSES {
+        nregs_mib[2] = class;
+        size_mib[2] = class;
+        // SAFETY: these controls read as an unsigned and a size_t.
+        let (Ok(nregs), Ok(size)) = (unsafe { raw::read_mib::<u32>(&nregs_mib) }, unsafe {
+            raw::read_mib::<usize>(&size_mib)
+        }) else {
+            return false;
+        };
+        if size != CLASS_SIZE[class] as usize || nregs == 0 {
+            return false;
+        }
+        let refill = (CAP[class] / 2).min(nregs.saturating_sub(1)).max(1);
+        REFILL[class].store(refill, Relaxed);
+    }
+    // SAFETY: registering a handler with no arguments; it touches this thread's state only.
+    unsafe { libc::pthread_atfork(None, None, Some(forget_tcache_in_child)) == 0 }
+}
+
 /// One free list: `head` is the newest free region, each region's first word the
 /// next one; `room` is how many more regions it may take.
 pub(crate) struct Bin {
@@ -71,15 +119,39 @@ pub(crate) struct Bin {
     room: Cell<u32>,
 }
 
-/// A thread's lists for one component, and how it reaches the component's arena.
+/// A thread's lists for one component.
 pub(crate) struct Bins {
     bins: [Bin; CLASSES],
     /// The `mallocx` flag naming the component's arena.
     arena: i32,
-    /// The explicit tcache refills come from, made on the first refill (a thread that only
-    /// frees the component's memory needs none): [`NO_TCACHE_YET`], [`NO_TCACHE`], or
-    /// its index + 1.
+}
+
+/// A thread's caches: its lists per component, what they hold, and its explicit tcache.
+pub(crate) struct ThreadBins {
+    lists: [Cell<*const Bins>; SLOTS],
+    /// Bytes in this thread's lists.
+    cached: Cell<usize>,
+    /// How much of `cached` is counted in [`CACHED`].
+    published: Cell<usize>,
+    /// Frees that found the budget spent and their own list empty, since the last trim.
+    starved: Cell<u32>,
+    /// The explicit tcache refills come from: [`NO_TCACHE_YET`], [`NO_TCACHE`], or its
+    /// index + 1; and the slot whose regions it may hold.
     tcache: Cell<u32>,
+    tcache_slot: Cell<u8>,
+}
+
+impl ThreadBins {
+    pub(crate) const fn new() -> Self {
+        Self {
+            lists: [const { Cell::new(&NONE.0) }; SLOTS],
+            cached: Cell::new(0),
+            published: Cell::new(0),
+            starved: Cell::new(0),
+            tcache: Cell::new(NO_TCACHE_YET),
+            tcache_slot: Cell::new(0),
+        }
+    }
 }
 
 /// Stands for the lists of a component a thread has none for: empty (taking goes to
@@ -98,43 +170,76 @@ pub(crate) static NONE: NoBins = NoBins(Bins {
         }
     }; CLASSES],
     arena: 0,
-    tcache: Cell::new(NO_TCACHE),
 });
 
-/// The lists of `slot` in `state` (possibly [`NONE`]).
+/// Bytes in every thread's lists, as each last published them.
+static CACHED: AtomicUsize = AtomicUsize::new(0);
+
+/// Bytes of free placed regions the threads' lists hold for reuse: exact as of each
+/// thread's last refill, return to jemalloc or exit, so within [`BUDGET`] per thread of the
+/// figure at this instant.
+pub(crate) fn cached_bytes() -> usize {
+    CACHED.load(Relaxed)
+}
+
+/// Counts the thread's `cached` in [`CACHED`].
+fn publish(t: &ThreadBins) {
+    let (now, before) = (t.cached.get(), t.published.get());
+    if now != before {
+        if now > before {
+            CACHED.fetch_add(now - before, Relaxed);
+        } else {
+            CACHED.fetch_sub(before - now, Relaxed);
+        }
+        t.published.set(now);
+    }
+}
+
+/// The lists of `slot` in `t` (possibly [`NONE`]).
 #[inline(always)]
-fn bins(state: &ThreadState, slot: u8) -> &Bins {
+fn bins(t: &ThreadBins, slot: u8) -> &Bins {
     // SAFETY: slots (the current component, a tag, an address's chunk owner) are always
     // below SLOTS, and the pointers are NONE or lists this thread made and still owns.
-    unsafe { &*state.bins.get_unchecked(usize::from(slot)).get() }
+    unsafe { &*t.lists.get_unchecked(usize::from(slot)).get() }
+}
+
+#[inline(always)]
+fn class_size(class: usize) -> usize {
+    // SAFETY: class indices come from `classes`, below CLASSES.
+    unsafe { *CLASS_SIZE.get_unchecked(class) as usize }
 }
 
 /// A free region of `class` for `slot` if the thread's list has one (no refill).
 #[inline(always)]
 pub(crate) unsafe fn pop(state: &ThreadState, slot: u8, class: usize) -> *mut u8 {
+    let t = &state.placement;
     // SAFETY: class indices come from `classes`, below CLASSES.
-    let bin = unsafe { bins(state, slot).bins.get_unchecked(class) };
+    let bin = unsafe { bins(t, slot).bins.get_unchecked(class) };
     let head = bin.head.get();
     if !head.is_null() {
         bin.head.set(head.cast::<*mut u8>().read());
         bin.room.set(bin.room.get() + 1);
+        t.cached.set(t.cached.get() - class_size(class));
     }
     head
 }
 
-/// Gives back a region of `class` of `slot` if the thread's list has room; false if
-/// not (the region is untouched).
+/// Gives back a region of `class` of `slot` if the thread's list has room and the
+/// thread's budget allows; false if not (the region is untouched).
 #[inline(always)]
 pub(crate) unsafe fn push(state: &ThreadState, slot: u8, class: usize, region: *mut u8) -> bool {
+    let t = &state.placement;
     // SAFETY: as in `pop`.
-    let bin = unsafe { bins(state, slot).bins.get_unchecked(class) };
+    let bin = unsafe { bins(t, slot).bins.get_unchecked(class) };
     let room = bin.room.get();
-    if room == 0 {
+    let cached = t.cached.get() + class_size(class);
+    if room == 0 || cached > BUDGET {
         return false;
     }
     region.cast::<*mut u8>().write(bin.head.get());
     bin.head.set(region);
     bin.room.set(room - 1);
+    t.cached.set(cached);
     true
 }
 
@@ -149,8 +254,7 @@ pub(crate) unsafe fn take(state: &ThreadState, slot: u8, class: usize) -> *mut u
     region
 }
 
-/// Gives back a region of `class` that `slot`'s arena placed, making room if the list
-/// is full.
+/// Gives back a region of `class` that `slot`'s arena placed, making room if needed.
 #[inline(always)]
 pub(crate) unsafe fn give(state: &ThreadState, slot: u8, class: usize, region: *mut u8) {
     if !push(state, slot, class, region) {
@@ -158,16 +262,12 @@ pub(crate) unsafe fn give(state: &ThreadState, slot: u8, class: usize, region: *
     }
 }
 
-fn class_size(class: usize) -> usize {
-    CLASS_SIZE[class] as usize
-}
-
 /// The thread's lists for `slot`, made on first use (with the slot's arena); `None`
 /// if the arena is unavailable or the thread is exiting (nothing would return them).
-fn bins_or_make(state: &ThreadState, slot: u8) -> Option<&Bins> {
-    let cell = &state.bins[usize::from(slot)];
+fn bins_or_make(t: &ThreadBins, slot: u8) -> Option<&Bins> {
+    let cell = &t.lists[usize::from(slot)];
     if !std::ptr::eq(cell.get(), &NONE.0) {
-        return Some(bins(state, slot));
+        return Some(bins(t, slot));
     }
     if !counters::thread_teardown_registered() {
         return None;
@@ -186,32 +286,36 @@ fn bins_or_make(state: &ThreadState, slot: u8) -> Option<&Bins> {
                 room: Cell::new(CAP[class]),
             }),
             arena,
-            tcache: Cell::new(NO_TCACHE_YET),
         });
     }
     cell.set(made);
-    Some(bins(state, slot))
+    Some(bins(t, slot))
 }
 
 const NO_TCACHE_YET: u32 = 0;
 const NO_TCACHE: u32 = u32::MAX;
 
-impl Bins {
-    /// `mallocx` flags for a refill: the arena and the explicit tcache, made on first use.
-    fn alloc_flags(&self) -> i32 {
-        let tcache = match self.tcache.get() {
-            NO_TCACHE_YET => {
-                let made = create_tcache().map_or(NO_TCACHE, |index| index + 1);
-                self.tcache.set(made);
-                made
-            }
-            state => state,
-        };
-        match tcache {
-            NO_TCACHE => self.arena | sys::MALLOCX_TCACHE_NONE,
-            index => self.arena | sys::MALLOCX_TCACHE((index - 1) as usize),
-        }
+/// `mallocx` flags for a refill of `slot`'s arena (`arena`): through the thread's explicit
+/// tcache, made on first use and flushed first if it holds another component's regions.
+fn refill_flags(t: &ThreadBins, slot: u8, arena: i32) -> i32 {
+    let mut tcache = t.tcache.get();
+    if tcache == NO_TCACHE_YET {
+        tcache = create_tcache().map_or(NO_TCACHE, |index| index + 1);
+        t.tcache.set(tcache);
+        t.tcache_slot.set(slot);
     }
+    if tcache == NO_TCACHE {
+        return arena | sys::MALLOCX_TCACHE_NONE;
+    }
+    if t.tcache_slot.get() != slot {
+        // SAFETY: "tcache.flush" takes an unsigned; the tcache is this thread's. A failure
+        // leaves it as it was, so it is not used for another component.
+        if unsafe { raw::write::<c_uint>(b"tcache.flush\0", tcache - 1) }.is_err() {
+            return arena | sys::MALLOCX_TCACHE_NONE;
+        }
+        t.tcache_slot.set(slot);
+    }
+    arena | sys::MALLOCX_TCACHE((tcache - 1) as usize)
 }
 
 /// A new explicit tcache, if jemalloc has one to give.
@@ -221,33 +325,47 @@ fn create_tcache() -> Option<c_uint> {
     (index < NO_TCACHE - 1).then_some(index)
 }
 
-/// Destroys a tcache (a [`Bins::tcache`] state); what it cached goes back to the arenas.
-fn destroy_tcache(tcache: u32) {
-    if !matches!(tcache, NO_TCACHE_YET | NO_TCACHE) {
-        // SAFETY: "tcache.destroy" takes an unsigned. It fails only for an index that
-        // is not a live tcache, which leaves nothing to do.
-        let _ = unsafe { raw::write::<c_uint>(b"tcache.destroy\0", tcache - 1) };
-    }
+/// In a child after `fork`: the explicit tcache this thread inherited is left alone (see
+/// the module docs); a new one is made on the next refill.
+extern "C" fn forget_tcache_in_child() {
+    let _ = counters::STATE.try_with(|s| s.placement.tcache.set(NO_TCACHE_YET));
 }
 
 /// Regions per refill at most (half the largest capacity).
 const BATCH: usize = CAP_MAX as usize / 2;
 
-/// An empty list: refills half of it and returns one more region; null if the arena is
-/// unavailable.
+/// Whether a region jemalloc returned for `slot` lies in `slot`'s chunks; if not (jemalloc
+/// did not honour the arena), hands it back and returns false.
+unsafe fn proven(region: *mut c_void, slot: u8, size: usize) -> bool {
+    if arenas::slot_of(region.cast()) == Some(slot) {
+        return true;
+    }
+    sys::sdallocx(region, size, sys::MALLOCX_TCACHE_NONE);
+    false
+}
+
+/// An empty list: refills part of it and returns one more region; null if the arena is
+/// unavailable or jemalloc does not place in it now.
 #[cold]
 #[inline(never)]
 unsafe fn refill(state: &ThreadState, slot: u8, class: usize) -> *mut u8 {
+    let t = &state.placement;
     let size = class_size(class);
-    let Some(bins) = bins_or_make(state, slot) else {
-        return match arenas::flag(slot) {
-            Some(arena) => sys::mallocx(size, arena | sys::MALLOCX_TCACHE_NONE).cast(),
-            None => std::ptr::null_mut(),
+    let Some(bins) = bins_or_make(t, slot) else {
+        let Some(arena) = arenas::flag(slot) else {
+            return std::ptr::null_mut();
+        };
+        let region = sys::mallocx(size, arena | sys::MALLOCX_TCACHE_NONE);
+        return if !region.is_null() && proven(region, slot, size) {
+            region.cast()
+        } else {
+            std::ptr::null_mut()
         };
     };
+    let room_in_budget = BUDGET.saturating_sub(t.cached.get()) / size;
+    let want = (REFILL[class].load(Relaxed) as usize).min(room_in_budget + 1).max(1);
     let mut regions = [std::ptr::null_mut::<c_void>(); BATCH];
-    let want = (CAP[class] / 2) as usize;
-    let flags = bins.alloc_flags();
+    let flags = refill_flags(t, slot, bins.arena);
     let mut filled = batch_alloc(&mut regions[..want], size, flags);
     while filled < want {
         let region = sys::mallocx(size, flags);
@@ -257,17 +375,24 @@ unsafe fn refill(state: &ThreadState, slot: u8, class: usize) -> *mut u8 {
         regions[filled] = region;
         filled += 1;
     }
-    let Some((first, rest)) = regions[..filled].split_first() else {
-        return std::ptr::null_mut();
-    };
+    let mut first = std::ptr::null_mut::<u8>();
     let bin = &bins.bins[class];
-    for &region in rest {
+    for &region in &regions[..filled] {
+        if !proven(region, slot, size) {
+            continue;
+        }
+        if first.is_null() {
+            first = region.cast::<u8>();
+            continue;
+        }
         let region = region.cast::<u8>();
         region.cast::<*mut u8>().write(bin.head.get());
         bin.head.set(region);
+        bin.room.set(bin.room.get() - 1);
+        t.cached.set(t.cached.get() + size);
     }
-    bin.room.set(bin.room.get() - rest.len() as u32);
-    first.cast()
+    publish(t);
+    first
 }
 
 /// The MIB of `experimental.batch_alloc`, looked up once; `None` if this jemalloc lacks it.
@@ -316,26 +441,72 @@ unsafe fn batch_alloc(regions: &mut [*mut c_void], size: usize, flags: i32) -> u
     filled.min(regions.len())
 }
 
-/// A full list (or none): keeps its newer half, returns the older half to the arena,
-/// and then takes `region`.
+/// A free that found no room: a full list keeps its newer half and returns the older
+/// half; a spent budget trims this list, or, when it is empty, the region goes to jemalloc
+/// (and every so often all the thread's lists are halved, so lists of components the
+/// thread no longer uses do not hold the budget).
 #[cold]
 #[inline(never)]
 unsafe fn overflow(state: &ThreadState, slot: u8, class: usize, region: *mut u8) {
-    let Some(bins) = bins_or_make(state, slot) else {
+    let t = &state.placement;
+    let Some(bins) = bins_or_make(t, slot) else {
         return release(region, class);
     };
     let bin = &bins.bins[class];
-    if bin.room.get() == 0 {
-        let keep = CAP[class] / 2;
+    let size = class_size(class);
+    if bin.room.get() == 0 || (t.cached.get() + size > BUDGET && !bin.head.get().is_null()) {
+        halve(t, bin, class);
+    } else if t.cached.get() + size > BUDGET {
+        release(region, class);
+        let starved = t.starved.get() + 1;
+        t.starved.set(starved);
+        if starved >= TRIM_AFTER {
+            t.starved.set(0);
+            trim_all(t);
+        }
+        publish(t);
+        return;
+    }
+    if !push(state, slot, class, region) {
+        release(region, class);
+    }
+    publish(t);
+}
+
+/// Budget-starved frees after which a thread's lists are all halved.
+const TRIM_AFTER: u32 = 256;
+
+/// Returns the older half of a list (rounded up) to jemalloc.
+unsafe fn halve(t: &ThreadBins, bin: &Bin, class: usize) {
+    let held = CAP[class] - bin.room.get();
+    let keep = held / 2;
+    let rest = if keep == 0 {
+        bin.head.replace(std::ptr::null_mut())
+    } else {
         let mut last_kept = bin.head.get();
         for _ in 1..keep {
             last_kept = last_kept.cast::<*mut u8>().read();
         }
-        let rest = last_kept.cast::<*mut u8>().replace(std::ptr::null_mut());
-        release_list(rest, class);
-        bin.room.set(CAP[class] - keep);
+        last_kept.cast::<*mut u8>().replace(std::ptr::null_mut())
+    };
+    let released = release_list(rest, class);
+    bin.room.set(bin.room.get() + released);
+    t.cached.set(t.cached.get() - released as usize * class_size(class));
+}
+
+/// Halves every list of the thread.
+unsafe fn trim_all(t: &ThreadBins) {
+    for cell in &t.lists {
+        let bins = cell.get();
+        if std::ptr::eq(bins, &NONE.0) {
+            continue;
+        }
+        for (class, bin) in (*bins).bins.iter().enumerate() {
+            if !bin.head.get().is_null() {
+                halve(t, bin, class);
+            }
+        }
     }
-    give(state, slot, class, region);
 }
 
 /// Returns a region to its arena, through the thread's automatic tcache: jemalloc's fast
@@ -346,19 +517,22 @@ unsafe fn release(region: *mut u8, class: usize) {
     sys::sdallocx(region.cast(), class_size(class), 0);
 }
 
-/// Returns a list of regions of `class` to their arena.
-unsafe fn release_list(mut region: *mut u8, class: usize) {
+/// Returns a list of regions of `class` to their arena; how many there were.
+unsafe fn release_list(mut region: *mut u8, class: usize) -> u32 {
+    let mut count = 0;
     while !region.is_null() {
         let next = region.cast::<*mut u8>().read();
         release(region, class);
         region = next;
+        count += 1;
     }
+    count
 }
 
-/// Returns an exiting thread's regions to their arenas and frees its lists; anything the
-/// thread allocates or frees later uses the arenas directly.
-pub(crate) fn release_thread(all: &[Cell<*const Bins>; SLOTS]) {
-    for cell in all {
+/// Returns an exiting thread's regions to their arenas, frees its lists and destroys its
+/// tcache; anything the thread allocates or frees later uses the arenas directly.
+pub(crate) fn release_thread(t: &ThreadBins) {
+    for cell in &t.lists {
         let bins = cell.replace(&NONE.0);
         if std::ptr::eq(bins, &NONE.0) {
             continue;
@@ -367,15 +541,22 @@ pub(crate) fn release_thread(all: &[Cell<*const Bins>; SLOTS]) {
         // holds free regions of its class only.
         unsafe {
             for (class, bin) in (*bins).bins.iter().enumerate() {
-                release_list(bin.head.get(), class);
+                let released = release_list(bin.head.get(), class);
+                t.cached.set(t.cached.get() - released as usize * class_size(class));
             }
-            destroy_tcache((*bins).tcache.get());
             sys::sdallocx(
                 bins.cast_mut().cast(),
                 std::mem::size_of::<Bins>(),
                 sys::MALLOCX_TCACHE_NONE,
             );
         }
+    }
+    publish(t);
+    let tcache = t.tcache.replace(NO_TCACHE);
+    if !matches!(tcache, NO_TCACHE_YET | NO_TCACHE) {
+        // SAFETY: "tcache.destroy" takes an unsigned. It fails only for an index that
+        // is not a live tcache, which leaves nothing to do.
+        let _ = unsafe { raw::write::<c_uint>(b"tcache.destroy\0", tcache - 1) };
     }
 }
 
@@ -389,6 +570,7 @@ mod tests {
             let (cap, size) = (CAP[class], CLASS_SIZE[class] as usize);
             assert!((CAP_MIN..=CAP_MAX).contains(&cap), "class {size}");
             assert!(cap == CAP_MIN || cap as usize * size <= CAP_BYTES, "class {size}");
+            assert!(cap as usize * size <= BUDGET / 4, "class {size}: one list may not take the budget");
         }
     }
 }

@@ -58,9 +58,9 @@ pub(crate) struct ThreadState {
     pub(crate) alloc_bytes: Cell<u64>,
     pub(crate) free_bytes: Cell<u64>,
     pub(crate) alloc_count: Cell<u64>,
-    /// The thread's caches of placed regions per component (see `bins`).
+    /// The thread's caches of placed regions (see `bins`).
     #[cfg(feature = "jemalloc")]
-    pub(crate) bins: [Cell<*const super::bins::Bins>; SLOTS],
+    pub(crate) placement: super::bins::ThreadBins,
 }
 
 thread_local! {
@@ -77,7 +77,7 @@ thread_local! {
             free_bytes: Cell::new(0),
             alloc_count: Cell::new(0),
             #[cfg(feature = "jemalloc")]
-            bins: [const { Cell::new(&super::bins::NONE.0) }; SLOTS],
+            placement: super::bins::ThreadBins::new(),
         }
     };
     // Its destructor hands the shard back when the thread exits.
@@ -92,6 +92,9 @@ struct Release;
 impl Drop for Release {
     fn drop(&mut self) {
         STATE.with(|s| {
+            // Its lists first: they go back to jemalloc while the thread still owns its shard.
+            #[cfg(feature = "jemalloc")]
+            super::bins::release_thread(&s.placement);
             // Later allocations of this exiting thread go to the shared shard.
             s.shard.set(std::ptr::null());
             s.tried.set(true);
@@ -99,8 +102,6 @@ impl Drop for Release {
             if index < OWNED_SHARDS {
                 CLAIMED[index].store(false, std::sync::atomic::Ordering::Release);
             }
-            #[cfg(feature = "jemalloc")]
-            super::bins::release_thread(&s.bins);
         });
     }
 }

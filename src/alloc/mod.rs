@@ -39,11 +39,15 @@ mod arenas;
 #[cfg(feature = "jemalloc")]
 mod bins;
 #[cfg(feature = "jemalloc")]
+mod chunks;
+#[cfg(feature = "jemalloc")]
 mod classes;
 pub(crate) mod counters;
 #[cfg(feature = "tracing")]
 mod layer;
 mod registry;
+#[cfg(feature = "jemalloc")]
+mod scheme;
 mod scope;
 
 pub use allocator::TrackingAllocator;
@@ -73,6 +77,33 @@ pub fn component_arenas() -> usize {
     #[cfg(not(feature = "jemalloc"))]
     0
 }
+
+/// Bytes of freed small allocations the tracking allocator keeps in its per-thread lists
+/// for reuse (placement only; 0 with tags or another allocator than jemalloc).
+///
+/// Each thread's lists hold at most 256 KiB, whatever the number of components. The
+/// figure is each thread's as of its last refill, return to jemalloc or exit, so it is
+/// within 256 KiB per thread of the bytes held at this instant. The allocations are
+/// counted by jemalloc as allocated (`jemalloc.allocated_mb`) and by no component.
+///
+/// ```
+/// #[global_allocator]
+/// static GLOBAL: memtel::alloc::TrackingAllocator<tikv_jemallocator::Jemalloc> =
+///     memtel::alloc::TrackingAllocator::new(tikv_jemallocator::Jemalloc);
+///
+/// let strings: Vec<String> = memtel::component("parser").in_scope(|| (0..100).map(|i| i.to_string()).collect());
+/// drop(strings);
+/// assert!(memtel::alloc::cached_bytes() <= 256 << 10);
+/// ```
+pub fn cached_bytes() -> u64 {
+    #[cfg(feature = "jemalloc")]
+    return bins::cached_bytes() as u64;
+    #[cfg(not(feature = "jemalloc"))]
+    0
+}
+
+#[cfg(feature = "jemalloc")]
+pub use scheme::VARIABLE as SCHEME_VARIABLE;
 
 /// Whether the [`TrackingAllocator`] is the global allocator (it has served an allocation).
 pub fn tracking_installed() -> bool {
