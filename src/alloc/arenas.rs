@@ -111,6 +111,35 @@ fn create_arena(slot: usize) -> Option<u32> {
     Some(index)
 }
 
+/// Per slot: how many live threads keep lists for its arena (see `bins`).
+static USERS: [AtomicU32; SLOTS] = [const { AtomicU32::new(0) }; SLOTS];
+
+/// A thread now keeps lists for `slot`'s arena.
+pub(crate) fn user_joined(slot: u8) {
+    USERS[usize::from(slot)].fetch_add(1, Relaxed);
+}
+
+/// A thread that kept lists for `slot`'s arena exited, its regions returned. When it was
+/// the last, the arena's dirty pages are purged, as jemalloc does for an arena whose last
+/// thread exits: no thread is bound to a component arena, so jemalloc itself never would,
+/// and an arena nobody allocates from gets no decay ticks.
+pub(crate) fn user_left(slot: u8) {
+    if USERS[usize::from(slot)].fetch_sub(1, Relaxed) != 1 {
+        return;
+    }
+    let index = match ARENAS[usize::from(slot)].load(Acquire) {
+        0 | BUSY | FAILED => return,
+        index => index - 1,
+    };
+    let mut mib = [0usize; 3];
+    if tikv_jemalloc_ctl::raw::name_to_mib(b"arena.0.purge\0", &mut mib).is_err() {
+        return;
+    }
+    mib[1] = index as usize;
+    // SAFETY: "arena.<i>.purge" takes no value (passing one fails with EPERM).
+    unsafe { sys::mallctlbymib(mib.as_ptr(), mib.len(), std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut(), 0) };
+}
+
 /// How many component arenas exist.
 pub(crate) fn count() -> usize {
     ARENAS

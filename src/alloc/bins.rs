@@ -289,6 +289,7 @@ fn bins_or_make(t: &ThreadBins, slot: u8) -> Option<&Bins> {
         });
     }
     cell.set(made);
+    arenas::user_joined(slot);
     Some(bins(t, slot))
 }
 
@@ -530,13 +531,17 @@ unsafe fn release_list(mut region: *mut u8, class: usize) -> u32 {
 }
 
 /// Returns an exiting thread's regions to their arenas, frees its lists and destroys its
-/// tcache; anything the thread allocates or frees later uses the arenas directly.
+/// tcache; anything the thread allocates or frees later uses the arenas directly. Arenas
+/// no other live thread keeps lists for are then purged (`arenas::user_left`), once
+/// everything the thread held is back in them: its automatic tcache is flushed first.
 pub(crate) fn release_thread(t: &ThreadBins) {
-    for cell in &t.lists {
+    let mut left = [false; SLOTS];
+    for (slot, cell) in t.lists.iter().enumerate() {
         let bins = cell.replace(&NONE.0);
         if std::ptr::eq(bins, &NONE.0) {
             continue;
         }
+        left[slot] = true;
         // SAFETY: lists this thread made, no longer reachable from its state; each
         // holds free regions of its class only.
         unsafe {
@@ -557,6 +562,22 @@ pub(crate) fn release_thread(t: &ThreadBins) {
         // SAFETY: "tcache.destroy" takes an unsigned. It fails only for an index that
         // is not a live tcache, which leaves nothing to do.
         let _ = unsafe { raw::write::<c_uint>(b"tcache.destroy\0", tcache - 1) };
+    }
+    if left.iter().any(|&l| l) {
+        // SAFETY: "thread.tcache.flush" takes no value; it flushes this thread's own
+        // automatic tcache (nothing to do if it has none).
+        unsafe {
+            sys::mallctl(
+                c"thread.tcache.flush".as_ptr(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                0,
+            )
+        };
+    }
+    for (slot, _) in left.iter().enumerate().filter(|(_, &l)| l) {
+        arenas::user_left(slot as u8);
     }
 }
 
