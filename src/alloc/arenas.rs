@@ -107,6 +107,7 @@ fn create_arena(slot: usize) -> Option<u32> {
         ARENAS[slot].store(FAILED, Release);
         return None;
     }
+    set_dirty_decay(index);
     ARENAS[slot].store(index + 1, Release);
     Some(index)
 }
@@ -138,6 +139,21 @@ pub(crate) fn user_left(slot: u8) {
     mib[1] = index as usize;
     // SAFETY: "arena.<i>.purge" takes no value (passing one fails with EPERM).
     unsafe { sys::mallctlbymib(mib.as_ptr(), mib.len(), std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut(), 0) };
+}
+
+/// A component arena's freed pages go back to the kernel as soon as they are freed
+/// (`dirty_decay_ms` 0). Freed memory in one component's arena cannot serve another's, so
+/// pages kept dirty for reuse, as jemalloc keeps them in its own arenas for 10 s, would be
+/// held once per component: a burst in each of 64 components left 64 bursts' worth
+/// resident. (Regions a thread's lists and tcaches hold are not pages freed: they stay.)
+fn set_dirty_decay(index: c_uint) {
+    let mut mib = [0usize; 3];
+    if tikv_jemalloc_ctl::raw::name_to_mib(b"arena.0.dirty_decay_ms\0", &mut mib).is_err() {
+        return;
+    }
+    mib[1] = index as usize;
+    // SAFETY: "arena.<i>.dirty_decay_ms" takes an ssize_t.
+    let _ = unsafe { tikv_jemalloc_ctl::raw::write_mib::<isize>(&mib, 0) };
 }
 
 /// How many component arenas exist.

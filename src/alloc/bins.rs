@@ -495,8 +495,17 @@ unsafe fn halve(t: &ThreadBins, bin: &Bin, class: usize) {
     t.cached.set(t.cached.get() - released as usize * class_size(class));
 }
 
-/// Halves every list of the thread.
+/// Halves every list of the thread, and empties its tcaches: the explicit one of what
+/// refills fetched ahead, the automatic one of the regions returns put there. A thread that
+/// keeps freeing past its budget is done allocating for now, and regions of many
+/// components' arenas left in a tcache would each keep a slab of its own resident.
 unsafe fn trim_all(t: &ThreadBins) {
+    let tcache = t.tcache.get();
+    if !matches!(tcache, NO_TCACHE_YET | NO_TCACHE) {
+        // SAFETY: "tcache.flush" takes an unsigned; the tcache is this thread's.
+        let _ = raw::write::<c_uint>(b"tcache.flush\0", tcache - 1);
+    }
+    flush_automatic_tcache();
     for cell in &t.lists {
         let bins = cell.get();
         if std::ptr::eq(bins, &NONE.0) {
@@ -508,6 +517,21 @@ unsafe fn trim_all(t: &ThreadBins) {
             }
         }
     }
+}
+
+/// Flushes this thread's automatic tcache back to the arenas.
+fn flush_automatic_tcache() {
+    // SAFETY: "thread.tcache.flush" takes no value; it flushes this thread's own automatic
+    // tcache (nothing to do if it has none).
+    unsafe {
+        sys::mallctl(
+            c"thread.tcache.flush".as_ptr(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
 }
 
 /// Returns a region to its arena, through the thread's automatic tcache: jemalloc's fast
@@ -564,17 +588,7 @@ pub(crate) fn release_thread(t: &ThreadBins) {
         let _ = unsafe { raw::write::<c_uint>(b"tcache.destroy\0", tcache - 1) };
     }
     if left.iter().any(|&l| l) {
-        // SAFETY: "thread.tcache.flush" takes no value; it flushes this thread's own
-        // automatic tcache (nothing to do if it has none).
-        unsafe {
-            sys::mallctl(
-                c"thread.tcache.flush".as_ptr(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                0,
-            )
-        };
+        flush_automatic_tcache();
     }
     for (slot, _) in left.iter().enumerate().filter(|(_, &l)| l) {
         arenas::user_left(slot as u8);
