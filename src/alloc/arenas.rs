@@ -184,6 +184,13 @@ fn reserve() -> bool {
     // SAFETY: "opt.retain" reads as a bool.
     let retain = unsafe { tikv_jemalloc_ctl::raw::read::<bool>(b"opt.retain\0") }.unwrap_or(true);
     RETAIN.store(retain, Relaxed);
+    // SAFETY: registering a handler with no arguments that only stores to atomics.
+    if unsafe { libc::pthread_atfork(None, None, Some(chunks::after_fork_in_child)) } != 0 {
+        // SAFETY: unmapping the mapping made just above, which nothing uses.
+        unsafe { libc::munmap(base.cast(), chunks::TOTAL) };
+        RESERVATION.store(UNAVAILABLE, Release);
+        return false;
+    }
     chunks::install(base);
     RESERVATION.store(READY, Release);
     true

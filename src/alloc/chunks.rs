@@ -9,9 +9,9 @@
 //! replaced by fresh `PROT_NONE` ones, so their memory returns to the kernel and what is
 //! handed out again reads as zeros.
 
+use std::cell::UnsafeCell;
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
 
 use super::counters::SLOTS;
 
@@ -46,14 +46,79 @@ struct Space {
     open_end: [u32; SLOTS],
 }
 
-static SPACE: Mutex<Space> = Mutex::new(Space {
-    bumped: 0,
-    free: [0; CHUNKS],
-    free_len: 0,
-    used: [0; CHUNKS],
-    open: [0; SLOTS],
-    open_end: [0; SLOTS],
-});
+/// [`Space`] behind a spin lock (held for a few stores, or one `mmap`): a lock a child
+/// process can take over after `fork` ([`after_fork_in_child`]), which `std`'s cannot.
+struct Locked {
+    held: AtomicBool,
+    space: UnsafeCell<Space>,
+}
+
+// SAFETY: `space` is reached only through `lock`, which holds `held`.
+unsafe impl Sync for Locked {}
+
+static SPACE: Locked = Locked {
+    held: AtomicBool::new(false),
+    space: UnsafeCell::new(Space {
+        bumped: 0,
+        free: [0; CHUNKS],
+        free_len: 0,
+        used: [0; CHUNKS],
+        open: [0; SLOTS],
+        open_end: [0; SLOTS],
+    }),
+};
+
+/// After a `fork` the child never reuses a chunk: a thread of the parent may have been
+/// halfway through an update, and a wrong count must never free a chunk in use.
+static NO_REUSE: AtomicBool = AtomicBool::new(false);
+
+struct Guard;
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        SPACE.held.store(false, Release);
+    }
+}
+
+impl std::ops::Deref for Guard {
+    type Target = Space;
+    fn deref(&self) -> &Space {
+        // SAFETY: the guard holds the lock.
+        unsafe { &*SPACE.space.get() }
+    }
+}
+
+impl std::ops::DerefMut for Guard {
+    fn deref_mut(&mut self) -> &mut Space {
+        // SAFETY: the guard holds the lock.
+        unsafe { &mut *SPACE.space.get() }
+    }
+}
+
+fn lock() -> Guard {
+    let mut spins = 0u32;
+    while SPACE
+        .held
+        .compare_exchange_weak(false, true, Acquire, Relaxed)
+        .is_err()
+    {
+        spins += 1;
+        if spins < 64 {
+            std::hint::spin_loop();
+        } else {
+            // SAFETY: sched_yield has no preconditions.
+            unsafe { libc::sched_yield() };
+        }
+    }
+    Guard
+}
+
+/// In a child after `fork`: the parent's threads are gone, so a lock one of them held is
+/// released, and chunks are no longer reused (see [`NO_REUSE`]).
+pub(crate) extern "C" fn after_fork_in_child() {
+    NO_REUSE.store(true, Relaxed);
+    SPACE.held.store(false, Release);
+}
 
 /// The slot whose arena placed `ptr`, if an arena did.
 ///
@@ -108,11 +173,6 @@ pub(crate) fn map_aligned_reservation() -> Option<*mut u8> {
 /// Makes `base` (from [`map_aligned_reservation`]) the reservation.
 pub(crate) fn install(base: *mut u8) {
     BASE.store(base as usize, std::sync::atomic::Ordering::Release);
-}
-
-fn lock() -> std::sync::MutexGuard<'static, Space> {
-    // Nothing panics while holding it.
-    SPACE.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Replaces `[address, address + size)` with fresh inaccessible pages: their memory goes
@@ -208,8 +268,11 @@ fn take_chunks(space: &mut Space, slot: usize, size: usize, alignment: usize) ->
     Some(first << CHUNK_SHIFT)
 }
 
-/// Puts a chunk no extent lives in on the free list.
+/// Puts a chunk no extent lives in on the free list (unless chunks are not reused).
 fn free_chunk(space: &mut Space, chunk: usize) {
+    if NO_REUSE.load(Relaxed) {
+        return;
+    }
     space.free[space.free_len] = chunk as u32;
     space.free_len += 1;
 }
@@ -229,7 +292,7 @@ pub(crate) fn give_back(address: *mut c_void, size: usize) {
     while offset < end {
         let chunk = offset >> CHUNK_SHIFT;
         let chunk_end = ((chunk + 1) << CHUNK_SHIFT).min(end);
-        space.used[chunk] -= (chunk_end - offset) as u32;
+        space.used[chunk] = space.used[chunk].saturating_sub((chunk_end - offset) as u32);
         let slot = usize::from(CHUNK_SLOT[chunk].load(Relaxed));
         if space.used[chunk] == 0 && space.open[slot] != chunk as u32 + 1 {
             // SAFETY: every extent in the chunk was given back.
