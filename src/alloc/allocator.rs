@@ -52,6 +52,7 @@ use super::{arenas, bins, classes};
 pub struct TrackingAllocator<A> {
     inner: A,
     /// Whether small allocations may be placed (over jemalloc).
+    #[cfg(feature = "jemalloc")]
     placement: bool,
 }
 
@@ -66,7 +67,11 @@ impl<A> TrackingAllocator<A> {
     /// placed (unless the environment variable `MEMTEL_ALLOC_SCHEME` is `tags`), the rest
     /// tagged.
     pub const fn new(inner: A) -> Self {
-        Self { inner, placement: true }
+        Self {
+            inner,
+            #[cfg(feature = "jemalloc")]
+            placement: true,
+        }
     }
 
     /// Wraps `inner` and attributes every allocation with a tag, never by placement: the
@@ -87,7 +92,11 @@ impl<A> TrackingAllocator<A> {
     /// # drop(buffer);
     /// ```
     pub const fn tags_only(inner: A) -> Self {
-        Self { inner, placement: false }
+        Self {
+            inner,
+            #[cfg(feature = "jemalloc")]
+            placement: false,
+        }
     }
 }
 

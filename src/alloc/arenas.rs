@@ -156,6 +156,16 @@ fn set_dirty_decay(index: c_uint) {
     let _ = unsafe { tikv_jemalloc_ctl::raw::write_mib::<isize>(&mib, 0) };
 }
 
+/// Whether jemalloc still serves this thread normally: false once it has cleaned up the
+/// thread's state (a TLS or pthread-key destructor running after jemalloc's), when it
+/// serves every request from arena 0 and must not be asked for another (its debug build
+/// asserts it). jemalloc turns the thread's tcache off then; placement is off when
+/// tcaches are (`reserve`), so the tcache's state tells.
+pub(crate) fn jemalloc_serves_thread() -> bool {
+    // SAFETY: "thread.tcache.enabled" reads as a bool.
+    unsafe { tikv_jemalloc_ctl::raw::read::<bool>(b"thread.tcache.enabled\0") }.unwrap_or(false)
+}
+
 /// How many component arenas exist.
 pub(crate) fn count() -> usize {
     ARENAS
@@ -181,6 +191,12 @@ fn reserve() -> bool {
         RESERVATION.store(UNAVAILABLE, Release);
         return false;
     };
+    // SAFETY: "opt.tcache" reads as a bool. Without tcaches, whether jemalloc has cleaned
+    // up a thread cannot be told (`jemalloc_serves_thread`): every allocation is tagged.
+    if !unsafe { tikv_jemalloc_ctl::raw::read::<bool>(b"opt.tcache\0") }.unwrap_or(false) {
+        RESERVATION.store(UNAVAILABLE, Release);
+        return false;
+    }
     // SAFETY: "opt.retain" reads as a bool.
     let retain = unsafe { tikv_jemalloc_ctl::raw::read::<bool>(b"opt.retain\0") }.unwrap_or(true);
     RETAIN.store(retain, Relaxed);

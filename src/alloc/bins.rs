@@ -269,7 +269,8 @@ fn bins_or_make(t: &ThreadBins, slot: u8) -> Option<&Bins> {
     if !std::ptr::eq(cell.get(), &NONE.0) {
         return Some(bins(t, slot));
     }
-    if !counters::thread_teardown_registered() {
+    // An exiting thread (nothing would return the lists), or one jemalloc has cleaned up.
+    if !counters::thread_teardown_registered() || !arenas::jemalloc_serves_thread() {
         return None;
     }
     let arena = arenas::flag(slot)?;
@@ -352,16 +353,10 @@ unsafe fn proven(region: *mut c_void, slot: u8, size: usize) -> bool {
 unsafe fn refill(state: &ThreadState, slot: u8, class: usize) -> *mut u8 {
     let t = &state.placement;
     let size = class_size(class);
+    // Without lists (an exiting thread) the allocation takes a tag: jemalloc may have
+    // cleaned the thread up, and then an arena must not be named.
     let Some(bins) = bins_or_make(t, slot) else {
-        let Some(arena) = arenas::flag(slot) else {
-            return std::ptr::null_mut();
-        };
-        let region = sys::mallocx(size, arena | sys::MALLOCX_TCACHE_NONE);
-        return if !region.is_null() && proven(region, slot, size) {
-            region.cast()
-        } else {
-            std::ptr::null_mut()
-        };
+        return std::ptr::null_mut();
     };
     let room_in_budget = BUDGET.saturating_sub(t.cached.get()) / size;
     let want = (REFILL[class].load(Relaxed) as usize).min(room_in_budget + 1).max(1);
@@ -555,7 +550,8 @@ unsafe fn release_list(mut region: *mut u8, class: usize) -> u32 {
 }
 
 /// Returns an exiting thread's regions to their arenas, frees its lists and destroys its
-/// tcache; anything the thread allocates or frees later uses the arenas directly. Arenas
+/// tcache; its later small allocations take a tag, and placed regions it frees go to
+/// jemalloc directly. Arenas
 /// no other live thread keeps lists for are then purged (`arenas::user_left`), once
 /// everything the thread held is back in them: its automatic tcache is flushed first.
 pub(crate) fn release_thread(t: &ThreadBins) {

@@ -260,9 +260,12 @@ fn take_chunks(space: &mut Space, slot: usize, size: usize, alignment: usize) ->
     }
     space.bumped = first + count;
     let mut left = size;
-    for chunk in first..first + count {
-        CHUNK_SLOT[chunk].store(slot as u8, Relaxed);
-        space.used[chunk] = left.min(CHUNK) as u32;
+    for (entry, used) in CHUNK_SLOT[first..first + count]
+        .iter()
+        .zip(&mut space.used[first..first + count])
+    {
+        entry.store(slot as u8, Relaxed);
+        *used = left.min(CHUNK) as u32;
         left = left.saturating_sub(CHUNK);
     }
     Some(first << CHUNK_SHIFT)

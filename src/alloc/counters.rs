@@ -119,6 +119,12 @@ fn claim(state: &ThreadState) {
     // Anything allocated while claiming (registering the release destructor may
     // allocate on some platforms) goes to the shared shard.
     state.tried.set(true);
+    // A thread whose first allocation comes after jemalloc cleaned it up (a late pthread-key
+    // destructor) is exiting: a destructor registered now would never run to release a shard.
+    #[cfg(feature = "jemalloc")]
+    if !super::arenas::jemalloc_serves_thread() {
+        return;
+    }
     for (index, claimed) in CLAIMED.iter().enumerate() {
         if claimed
             .compare_exchange(false, true, std::sync::atomic::Ordering::Acquire, Relaxed)
@@ -136,6 +142,7 @@ fn claim(state: &ThreadState) {
     }
 }
 
+#[cfg(feature = "jemalloc")]
 /// The shard this thread owns, if it owns one (its counts then take plain stores).
 #[inline(always)]
 pub(crate) fn owned_shard(state: &ThreadState) -> Option<&'static Shard> {
@@ -143,6 +150,7 @@ pub(crate) fn owned_shard(state: &ThreadState) -> Option<&'static Shard> {
     unsafe { state.shard.get().as_ref() }
 }
 
+#[cfg(feature = "jemalloc")]
 /// Records an allocation in the thread's own shard (see [`owned_shard`]).
 #[inline(always)]
 pub(crate) fn record_alloc_owned(state: &ThreadState, shard: &Shard, slot: u8, size: usize) {
@@ -150,6 +158,7 @@ pub(crate) fn record_alloc_owned(state: &ThreadState, shard: &Shard, slot: u8, s
     note_alloc(state, size);
 }
 
+#[cfg(feature = "jemalloc")]
 /// Records a free in the thread's own shard (see [`owned_shard`]).
 #[inline(always)]
 pub(crate) fn record_free_owned(state: &ThreadState, shard: &Shard, slot: u8, size: usize) {
