@@ -1,6 +1,7 @@
 //! The JSON view: `GET /api/v1/memory/profile` as an axum router.
 //!
 //! Bytes become megabytes here and only here (MB = MiB = 1,048,576 bytes).
+//! `by_component` is rounded so that it adds up to `total_allocated_mb` (see [`mb_parts`]).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -114,7 +115,13 @@ pub struct ErrorBody {
 pub struct MemoryProfile {
     /// When the snapshot was taken, RFC 3339 in UTC with milliseconds.
     pub timestamp: String,
-    /// Live heap in MB (jemalloc's `stats.allocated`); `null` when unknown.
+    /// What `by_component` adds up to, in MB; `null` when the live heap is unknown.
+    ///
+    /// The live heap: with the tracking allocator, the bytes live allocations requested
+    /// (not rounded to size classes), plus the bytes components report (memory the
+    /// allocator cannot see); without it, jemalloc's `stats.allocated`. In a tracked
+    /// process `jemalloc.allocated_mb` is larger: it counts whole size classes and the
+    /// free regions caches hold (`tracking.cache_mb`, jemalloc's thread caches).
     pub total_allocated_mb: Option<u64>,
     /// Peak resident set size of this process in MB.
     pub peak_usage_mb: Option<u64>,
@@ -124,7 +131,13 @@ pub struct MemoryProfile {
     pub limit_mb: Option<u64>,
     /// Where the limit came from: `configured`, `cgroup` or `system`.
     pub limit_source: Option<String>,
-    /// MB per registered component, plus `other` (the heap remainder) when the heap is known.
+    /// MB per component, plus `other` when the heap is known: with the tracking
+    /// allocator, the tracked bytes allocated outside every component; without it, the
+    /// live heap minus the reported components, floored at 0.
+    ///
+    /// The entries add up to `total_allocated_mb` exactly (unless, without the tracking
+    /// allocator, the reported components alone exceed the heap): each is its bytes
+    /// rounded down or up, within 1 MB, the largest remainders rounded up.
     pub by_component: BTreeMap<String, u64>,
     /// How the component figures were obtained: `tracked` (by the tracking
     /// allocator), `reported` (by the components' own callbacks) or `mixed` (both).
@@ -136,8 +149,21 @@ pub struct MemoryProfile {
     /// jemalloc's figures; absent when jemalloc stats are not available.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jemalloc: Option<JemallocProfile>,
+    /// The tracking allocator's own figures; absent when it is not the global allocator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<TrackingProfile>,
     /// The kernel's own signals; each part absent where the system does not provide it.
     pub kernel: KernelProfile,
+}
+
+/// The `tracking` object of [`MemoryProfile`], in MB (three decimals).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[non_exhaustive]
+pub struct TrackingProfile {
+    /// Freed small allocations the tracking allocator keeps in its per-thread lists for
+    /// reuse ([`alloc::cached_bytes`](crate::alloc::cached_bytes)): memory memtel holds
+    /// for itself. jemalloc counts it as allocated; no component, nor `other`, does.
+    pub cache_mb: f64,
 }
 
 /// The `kernel` object of [`MemoryProfile`].
@@ -242,17 +268,19 @@ pub struct JemallocProfile {
 impl MemoryProfile {
     /// The document for one snapshot.
     pub fn from_snapshot(snap: &Snapshot) -> Self {
-        let mut by_component: BTreeMap<String, u64> = snap
-            .components
-            .iter()
-            .map(|c| (c.name.to_string(), mb(c.bytes)))
-            .collect();
+        let mut parts: Vec<(&str, u64)> = snap.components.iter().map(|c| (&*c.name, c.bytes)).collect();
         if let Some(other) = snap.other_bytes {
-            by_component.insert(OTHER_COMPONENT.to_owned(), mb(other));
+            parts.push((OTHER_COMPONENT, other));
         }
+        let megabytes = mb_parts(&parts.iter().map(|&(_, bytes)| bytes).collect::<Vec<_>>());
+        let by_component = parts
+            .iter()
+            .zip(megabytes)
+            .map(|(&(name, _), mb)| (name.to_owned(), mb))
+            .collect();
         Self {
             timestamp: humantime::format_rfc3339_millis(snap.taken_at).to_string(),
-            total_allocated_mb: snap.heap_allocated_bytes.map(mb),
+            total_allocated_mb: snap.total_bytes.map(mb),
             peak_usage_mb: snap.peak_rss_bytes.map(mb),
             current_usage_mb: snap.rss_bytes.map(mb),
             limit_mb: snap.limit.map(|l| mb(l.bytes)),
@@ -279,6 +307,9 @@ impl MemoryProfile {
                 metadata_overhead_ratio: j.metadata_overhead_ratio().map(|r| round(r, 4)),
                 stats_age_ms: u64::try_from(j.age.as_millis()).unwrap_or(u64::MAX),
             }),
+            tracking: snap
+                .allocator_cache_bytes
+                .map(|cache| TrackingProfile { cache_mb: mb_f(cache) }),
             kernel: kernel_profile(&snap.kernel),
         }
     }
@@ -325,6 +356,30 @@ fn mb(bytes: u64) -> u64 {
     bytes / 1_048_576 + u64::from(bytes % 1_048_576 >= 524_288)
 }
 
+/// Whole MB for parts of a sum, adding up to the sum's MB rounded to nearest ([`mb`]):
+/// largest-remainder rounding. Each part is first rounded down; then as many parts as
+/// the rounded sum needs are rounded up, those with the largest remainders first (ties
+/// in order), so every part stays within 1 MB of its bytes. Rounding each part to
+/// nearest would not add up: 64 parts of 0.4 MB are 0 MB each but 26 MB together.
+fn mb_parts(parts: &[u64]) -> Vec<u64> {
+    const MIB_BYTES: u64 = 1_048_576;
+    let sum: u128 = parts.iter().map(|&b| u128::from(b)).sum();
+    let target = sum / u128::from(MIB_BYTES) + u128::from(sum % u128::from(MIB_BYTES) >= 524_288);
+    let mut megabytes: Vec<u64> = parts.iter().map(|b| b / MIB_BYTES).collect();
+    let floors: u128 = megabytes.iter().map(|&m| u128::from(m)).sum();
+    // At most the number of parts with a remainder: the remainders add up to less than
+    // that count, and rounding their sum to nearest cannot reach past it.
+    let ups = usize::try_from(target - floors).unwrap_or(usize::MAX);
+    let mut order: Vec<usize> = (0..parts.len())
+        .filter(|&i| !parts[i].is_multiple_of(MIB_BYTES))
+        .collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(parts[i] % MIB_BYTES), i));
+    for i in order.into_iter().take(ups) {
+        megabytes[i] += 1;
+    }
+    megabytes
+}
+
 fn mb_f(bytes: u64) -> f64 {
     round(bytes as f64 / MIB, 3)
 }
@@ -345,5 +400,60 @@ mod tests {
         assert_eq!(mb(524_288), 1);
         assert_eq!(mb(1_048_576 * 3 + 600_000), 4);
         assert_eq!(mb_f(1_572_864), 1.5);
+    }
+
+    const M: u64 = 1_048_576;
+
+    #[test]
+    fn parts_add_up_where_rounding_each_would_not() {
+        // 64 components of 0.4 MB: each rounds to 0 alone, 25.6 MB together.
+        let parts = vec![M * 4 / 10; 64];
+        assert_eq!(parts.iter().map(|&b| mb(b)).sum::<u64>(), 0);
+        let rounded = mb_parts(&parts);
+        assert_eq!(rounded.iter().sum::<u64>(), 26);
+        assert!(rounded.iter().all(|&m| m <= 1));
+        // The first 26 (ties go in order) are the ones rounded up.
+        assert_eq!(rounded, [vec![1; 26], vec![0; 38]].concat());
+        // Three of 0.6 MB: each rounds to 1 alone, 1.8 MB together.
+        assert_eq!(mb_parts(&[M * 6 / 10; 3]), [1, 1, 0]);
+    }
+
+    #[test]
+    fn largest_remainders_are_rounded_up_and_whole_parts_kept() {
+        assert_eq!(mb_parts(&[]), Vec::<u64>::new());
+        assert_eq!(mb_parts(&[8 * M, 3 * M, 0]), [8, 3, 0]);
+        // 2.3 + 1.45 + 0.25 = 4.0: one part is rounded up, the 0.45 remainder.
+        assert_eq!(mb_parts(&[2 * M + M * 3 / 10, M + M * 45 / 100, M / 4]), [2, 2, 0]);
+        // A part below half a MB is rounded up when the sum needs it.
+        assert_eq!(mb_parts(&[10 * M, M * 3 / 10, M * 3 / 10]), [10, 1, 0]);
+        assert_eq!(mb_parts(&[u64::MAX, u64::MAX]).len(), 2);
+    }
+
+    #[test]
+    fn random_parts_add_up_each_within_one_megabyte() {
+        // xorshift64*: deterministic, no dependency.
+        let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+        let mut next = move || {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        };
+        for _ in 0..3_000 {
+            let n = (next() % 70) as usize;
+            let parts: Vec<u64> = (0..n)
+                .map(|_| match next() % 4 {
+                    0 => next() % M,             // below a MB
+                    1 => (next() % 64) * M,      // whole MBs
+                    2 => next() % (512 * M),     // anything up to 512 MB
+                    _ => M / 2 + next() % 3 - 1, // around the half
+                })
+                .collect();
+            let rounded = mb_parts(&parts);
+            assert_eq!(rounded.iter().sum::<u64>(), mb(parts.iter().sum()), "{parts:?}");
+            for (&bytes, &m) in parts.iter().zip(&rounded) {
+                assert!(m == bytes / M || m == bytes.div_ceil(M), "{bytes} -> {m}");
+            }
+        }
     }
 }

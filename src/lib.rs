@@ -71,5 +71,5 @@ pub use source::jemalloc::purge_jemalloc;
 #[cfg(feature = "http")]
 pub use http::{
     router, CgroupProfile, ErrorBody, JemallocProfile, KernelProfile, MemoryProfile, ProfileStats, PsiLineProfile,
-    PsiProfile, PROFILE_PATH,
+    PsiProfile, TrackingProfile, PROFILE_PATH,
 };

@@ -108,9 +108,11 @@ impl MemoryMonitor {
     /// Registers a component whose live bytes `report` returns.
     ///
     /// `report` is called once per snapshot, so it must be cheap (read an atomic, a
-    /// `len()`); a panic in it leaves the component out of that snapshot. Its bytes
-    /// count as heap bytes: the `other` component is the live heap minus the sum of
-    /// all components.
+    /// `len()`); a panic in it leaves the component out of that snapshot. Without the
+    /// tracking allocator its bytes count as heap bytes: the `other` component is the
+    /// live heap minus the sum of all components. With it, reported bytes are taken as
+    /// memory the allocator cannot see (`mmap`s, C libraries): they add to their
+    /// component and to [`Snapshot::total_bytes`], not to the heap.
     ///
     /// # Errors
     /// A name that is empty, longer than 64 characters or outside `[A-Za-z0-9_.-]`,
@@ -208,16 +210,25 @@ impl MemoryMonitor {
         let components = self.components();
         let tracked = crate::alloc::tracking_installed();
         let untagged = tracked.then(|| crate::alloc::counters::totals(0));
-        let heap = jemalloc.map(|j| j.allocated).or_else(|| {
-            // Without jemalloc stats the tracking allocator knows the live heap exactly.
-            untagged.map(|(allocated, freed)| {
-                let tracked_live = components.tracked_live;
-                allocated.saturating_sub(freed) + tracked_live
-            })
-        });
-        let other = match untagged {
-            Some((allocated, freed)) => Some(allocated.saturating_sub(freed)),
-            None => heap.map(|h| h.saturating_sub(components.reported_total)),
+        let (heap, other, total) = match untagged {
+            // The heap is the sum of the very counter readings the components and `other`
+            // show, so the parts add up to it exactly whatever runs meanwhile. jemalloc's
+            // `allocated` would not: it counts size classes and cached free regions, and
+            // is up to `jemalloc_max_age` older than the counters.
+            Some((allocated, freed)) => {
+                let other = allocated.saturating_sub(freed);
+                let heap = other.saturating_add(components.tracked_live);
+                // Reported bytes in a tracked process are memory the allocator cannot see.
+                (
+                    Some(heap),
+                    Some(other),
+                    Some(heap.saturating_add(components.reported_total)),
+                )
+            }
+            None => {
+                let heap = jemalloc.map(|j| j.allocated);
+                (heap, heap.map(|h| h.saturating_sub(components.reported_total)), heap)
+            }
         };
 
         Snapshot {
@@ -230,6 +241,8 @@ impl MemoryMonitor {
             jemalloc,
             components: components.usage,
             other_bytes: other,
+            total_bytes: total,
+            allocator_cache_bytes: tracked.then(crate::alloc::cached_bytes),
             other_allocated_total_bytes: untagged.map(|(allocated, _)| allocated),
             component_source: components.source,
             pressure: self.level(utilization(rss, kernel.limit), &kernel, rss),

@@ -32,7 +32,15 @@ pub struct Snapshot {
     pub peak_rss_bytes: Option<u64>,
     /// The limit that pressure is measured against.
     pub limit: Option<Limit>,
-    /// Live heap bytes: jemalloc's `stats.allocated`.
+    /// Live heap bytes. With the tracking allocator: the tracked total, the bytes live
+    /// allocations requested (not rounded to size classes) in every component and in none,
+    /// so exactly the tracked [`components`](Self::components) plus
+    /// [`other_bytes`](Self::other_bytes). Without it: jemalloc's `stats.allocated`.
+    ///
+    /// jemalloc's own `allocated` (in [`jemalloc`](Self::jemalloc)) is larger in a tracked
+    /// process: it counts whole size classes, and the free regions that caches hold for
+    /// reuse (the tracking allocator's, [`allocator_cache_bytes`](Self::allocator_cache_bytes),
+    /// and jemalloc's thread caches).
     pub heap_allocated_bytes: Option<u64>,
     /// jemalloc's statistics, when jemalloc is the global allocator and built with stats.
     pub jemalloc: Option<JemallocStats>,
@@ -45,6 +53,20 @@ pub struct Snapshot {
     /// allocated outside every component scope. Without it: the live heap minus the
     /// reported components, floored at 0, and `None` when the live heap is unknown.
     pub other_bytes: Option<u64>,
+    /// What [`components`](Self::components) and [`other_bytes`](Self::other_bytes) add
+    /// up to: the live heap ([`heap_allocated_bytes`](Self::heap_allocated_bytes)), plus,
+    /// with the tracking allocator, the bytes components report (memory outside the Rust
+    /// heap, which the allocator cannot see); `None` when the live heap is unknown.
+    ///
+    /// The parts add up to it exactly, except without the tracking allocator when the
+    /// reported components alone exceed the live heap: `other` is then 0 and they add up
+    /// to more.
+    pub total_bytes: Option<u64>,
+    /// Bytes of freed small allocations the tracking allocator keeps in its per-thread
+    /// lists for reuse, as [`alloc::cached_bytes`](crate::alloc::cached_bytes) reads them
+    /// (tracking allocator only). jemalloc counts them as allocated; no component, nor
+    /// `other`, does.
+    pub allocator_cache_bytes: Option<u64>,
     /// Cumulative bytes allocated outside every component (tracking allocator only).
     pub other_allocated_total_bytes: Option<u64>,
     /// How the component figures were obtained.

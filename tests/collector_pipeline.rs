@@ -45,6 +45,7 @@ const NAMES: &[(&str, &str)] = &[
     ("jemalloc_metadata_overhead_ratio", "gauge"),
     ("memtel_component_usage_bytes", "gauge"),
     ("memtel_component_allocated_bytes_total", "counter"),
+    ("memtel_alloc_cache_bytes", "gauge"),
     ("memtel_cleanup_runs_total", "counter"),
     ("memtel_cleanup_freed_bytes_total", "counter"),
     ("memtel_gc_runs_total", "counter"),
@@ -320,6 +321,13 @@ fn figures(exposition: &Exposition, job: &str, json: &Json) -> Result<Vec<Figure
             0.01,
         ));
     }
+    // Moves by a few KiB at a time; the JSON has three decimals.
+    out.push((
+        "memtel_alloc_cache_bytes vs tracking.cache_mb".into(),
+        one("memtel_alloc_cache_bytes", &[])? / MIB,
+        num(&json["tracking"]["cache_mb"], "tracking.cache_mb")?,
+        0.5,
+    ));
     for (component, mb) in json["by_component"].as_object().expect("by_component") {
         out.push((
             format!("memtel_component_usage_bytes{{memtel_component=\"{component}\"}} vs by_component.{component}"),

@@ -55,6 +55,7 @@ const CONTRACT: &[(&str, &str, &str, &[&str], When)] = &[
         &["memtel.component"],
         When::Tracking,
     ),
+    ("memtel.alloc.cache", "updown", "By", &[], When::Tracking),
     ("memtel.cleanup.runs", "counter_int", "{run}", &[], When::Always),
     ("memtel.cleanup.freed", "counter_int", "By", &[], When::Always),
     ("memtel.gc.runs", "counter_int", "{run}", &[], When::Always),
