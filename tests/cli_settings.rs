@@ -229,6 +229,13 @@ const BAD: &[BadCase] = &[
         names: &["memory.global_memory_limit_mb"],
     },
     BadCase {
+        what: "allocator scheme that is neither tags nor placement",
+        args: &[],
+        env: &[("MEMTEL_ALLOC_SCHEME", "tag")],
+        yaml: None,
+        names: &["MEMTEL_ALLOC_SCHEME", "\"tag\""],
+    },
+    BadCase {
         what: "--config of a missing file",
         args: &["--config", "/nonexistent.yaml"],
         env: &[],

@@ -29,6 +29,9 @@ OpenTelemetry (standard OTEL_* variables, read as every OpenTelemetry SDK reads 
   OTEL_RESOURCE_ATTRIBUTES               key=value,... added to the resource
 Signal-specific variants (OTEL_EXPORTER_OTLP_METRICS_*) take precedence.
 Logs: RUST_LOG (default info).
+Allocator: MEMTEL_ALLOC_SCHEME=tags attributes every allocation with a tag byte instead of
+  placing small ones in per-component jemalloc arenas (placement, the default): an escape
+  hatch, as exact, read once at start.
 
 Invalid settings exit with status 2; runtime failures (address in use) with 1.";
 
@@ -254,6 +257,7 @@ impl Settings {
     pub(crate) fn load() -> Result<Self, SettingsError> {
         let matches = Cli::command().get_matches();
         let cli = Cli::from_arg_matches(&matches).map_err(|e| SettingsError(e.to_string()))?;
+        check_alloc_scheme()?;
         let file = match &cli.config {
             Some(path) => read_file(path)?,
             None => FileSettings::default(),
@@ -415,6 +419,18 @@ fn duration(from: &str, text: &str, min: Duration) -> Result<Duration, SettingsE
                 &format!("expected a duration of at least {min:?}, such as 1s or 500ms"),
             )
         })
+}
+
+/// The allocator reads `MEMTEL_ALLOC_SCHEME` itself, where it cannot report a bad value:
+/// the service refuses one here instead of silently placing.
+fn check_alloc_scheme() -> Result<(), SettingsError> {
+    let name = memtel::alloc::SCHEME_VARIABLE;
+    match std::env::var(name) {
+        Ok(value) if !matches!(value.to_ascii_lowercase().as_str(), "tags" | "placement") => {
+            Err(invalid(name, &value, "expected tags or placement"))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn invalid(from: &str, text: &str, expected: &str) -> SettingsError {
