@@ -226,3 +226,36 @@ fn purging_returns_placed_pages_to_the_kernel() {
         "resident {resident_held} → {resident_purged} after freeing 24 MiB of placed buffers and purging"
     );
 }
+
+/// Run in a child process started with `MEMTEL_ALLOC_SCHEME=tags`.
+const TAGS_CHILD: &str = "MEMTEL_PLACEMENT_TAGS_CHILD";
+
+#[test]
+fn the_tags_scheme_chosen_by_the_environment_places_nothing_and_stays_exact() {
+    if std::env::var_os(TAGS_CHILD).is_some() {
+        // With a tag, a 64 B buffer takes the 80 B class; attribution is exact all the same.
+        holds_at_class_size("tags64", 64, 80);
+        holds_at_class_size("tags100", 100, 112);
+        assert_eq!(memtel::alloc::component_arenas(), 0, "an arena was made with tags chosen");
+        assert_eq!(memtel::alloc::cached_bytes(), 0);
+        println!("child: tags");
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "the_tags_scheme_chosen_by_the_environment_places_nothing_and_stays_exact",
+            "--nocapture",
+        ])
+        .env(TAGS_CHILD, "1")
+        .env(memtel::alloc::SCHEME_VARIABLE, "tags")
+        .output()
+        .expect("run the child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("child: tags"),
+        "child: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
