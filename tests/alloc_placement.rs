@@ -236,7 +236,11 @@ fn the_tags_scheme_chosen_by_the_environment_places_nothing_and_stays_exact() {
         // With a tag, a 64 B buffer takes the 80 B class; attribution is exact all the same.
         holds_at_class_size("tags64", 64, 80);
         holds_at_class_size("tags100", 100, 112);
-        assert_eq!(memtel::alloc::component_arenas(), 0, "an arena was made with tags chosen");
+        assert_eq!(
+            memtel::alloc::component_arenas(),
+            0,
+            "an arena was made with tags chosen"
+        );
         assert_eq!(memtel::alloc::cached_bytes(), 0);
         println!("child: tags");
         return;

@@ -132,13 +132,7 @@ pub(crate) fn user_left(slot: u8) {
         0 | BUSY | FAILED => return,
         index => index - 1,
     };
-    let mut mib = [0usize; 3];
-    if tikv_jemalloc_ctl::raw::name_to_mib(b"arena.0.purge\0", &mut mib).is_err() {
-        return;
-    }
-    mib[1] = index as usize;
-    // SAFETY: "arena.<i>.purge" takes no value (passing one fails with EPERM).
-    unsafe { sys::mallctlbymib(mib.as_ptr(), mib.len(), std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut(), 0) };
+    crate::source::jemalloc::purge_arena(index as usize);
 }
 
 /// A component arena's freed pages go back to the kernel as soon as they are freed

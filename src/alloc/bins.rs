@@ -601,7 +601,10 @@ mod tests {
             let (cap, size) = (CAP[class], CLASS_SIZE[class] as usize);
             assert!((CAP_MIN..=CAP_MAX).contains(&cap), "class {size}");
             assert!(cap == CAP_MIN || cap as usize * size <= CAP_BYTES, "class {size}");
-            assert!(cap as usize * size <= BUDGET / 4, "class {size}: one list may not take the budget");
+            assert!(
+                cap as usize * size <= BUDGET / 4,
+                "class {size}: one list may not take the budget"
+            );
         }
     }
 }

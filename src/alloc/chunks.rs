@@ -97,11 +97,7 @@ impl std::ops::DerefMut for Guard {
 
 fn lock() -> Guard {
     let mut spins = 0u32;
-    while SPACE
-        .held
-        .compare_exchange_weak(false, true, Acquire, Relaxed)
-        .is_err()
-    {
+    while SPACE.held.compare_exchange_weak(false, true, Acquire, Relaxed).is_err() {
         spins += 1;
         if spins < 64 {
             std::hint::spin_loop();
@@ -284,7 +280,10 @@ fn free_chunk(space: &mut Space, chunk: usize) {
 /// back to the kernel, and each chunk it leaves empty is free for any component.
 pub(crate) fn give_back(address: *mut c_void, size: usize) {
     let base = BASE.load(Relaxed);
-    let (start, end) = ((address as usize).wrapping_sub(base), (address as usize).wrapping_sub(base) + size);
+    let (start, end) = (
+        (address as usize).wrapping_sub(base),
+        (address as usize).wrapping_sub(base) + size,
+    );
     if end > TOTAL || start > end {
         return;
     }

@@ -95,16 +95,21 @@ impl Jemalloc {
 /// drop(vec![1u8; 32 << 20]);
 /// assert!(memtel::purge_jemalloc());
 /// ```
-// tikv-jemalloc-ctl has no typed purge, and writing a value to the name fails
-// (jemalloc expects none): resolve `arena.0.purge`, point index 1 at all arenas
-// (MALLCTL_ARENAS_ALL = 4096) and call it with no value.
 pub fn purge_jemalloc() -> bool {
     const MALLCTL_ARENAS_ALL: usize = 4096;
+    purge_arena(MALLCTL_ARENAS_ALL)
+}
+
+/// Purges one arena's dirty pages (`index` 4096: every arena); false if jemalloc refused.
+// tikv-jemalloc-ctl has no typed purge, and writing a value to the name fails
+// (jemalloc expects none): resolve `arena.0.purge`, point index 1 at the arena and call it
+// with no value.
+pub(crate) fn purge_arena(index: usize) -> bool {
     let mut mib = [0usize; 3];
     if raw::name_to_mib(b"arena.0.purge\0", &mut mib).is_err() {
         return false;
     }
-    mib[1] = MALLCTL_ARENAS_ALL;
+    mib[1] = index;
     // SAFETY: a valid 3-element MIB; purge takes and returns no value.
     let rc = unsafe {
         tikv_jemalloc_sys::mallctlbymib(
