@@ -10,14 +10,15 @@ mod workloads;
 
 use memtel::alloc::TrackingAllocator;
 use memtel::Component;
-use workloads::{NoScope, Scope};
+use workloads::{DomCorpus, NoScope, Scope};
 
 #[global_allocator]
 static GLOBAL: TrackingAllocator<tikv_jemallocator::Jemalloc> = TrackingAllocator::new(tikv_jemallocator::Jemalloc);
 
 const NAME: &str = "memtel";
 
-/// Both workers attribute to one component, as a service's request handlers would.
+/// Both workers (of `realistic` and `dom`) attribute to one component, as a service's
+/// request handlers would.
 struct InComponent(Component);
 
 impl Scope for InComponent {
@@ -34,11 +35,17 @@ fn main() {
         "the tracking allocator is not installed"
     );
 
+    let corpus = DomCorpus::generate();
     let mut c = workloads::criterion();
     workloads::bench_churn(&mut c, NAME, &scope);
     workloads::bench_churn(&mut c, "memtel_noscope", &NoScope);
     workloads::bench_realistic(&mut c, NAME, &scope);
     workloads::bench_realistic(&mut c, "memtel_noscope", &NoScope);
+    workloads::bench_dom(&mut c, NAME, &scope, &corpus);
+    workloads::bench_dom(&mut c, "memtel_noscope", &NoScope, &corpus);
+    // 0 means every allocation carried a tag (the reservation was refused, as under
+    // valgrind): the figures above would then not measure placement.
+    eprintln!("placement: {} component arena(s)", memtel::alloc::component_arenas());
     eprintln!(
         "attribution: component `workload` allocated {} bytes in all, {} live",
         scope.0.allocated_bytes(),

@@ -3,9 +3,10 @@
 //! allocation group in atomics, tracking enabled, and every workload inside an
 //! `AllocationGroupToken` guard.
 //!
-//! A token is entered through `&mut` and cannot be cloned, so each realistic worker
-//! thread has a token (group) of its own; the tracker's atomics are cache-line padded,
-//! so the two threads never share a counter line. Both choices favour this baseline.
+//! A token is entered through `&mut` and cannot be cloned, so each worker thread (of
+//! `realistic` and `dom`) has a token (group) of its own; the tracker's atomics are
+//! cache-line padded, so the two threads never share a counter line. Both choices favour
+//! this baseline.
 //! Part of the allocator comparison; run all of it with `scripts/alloc-bench.sh`.
 
 #[path = "support/alloc_workloads.rs"]
@@ -15,7 +16,7 @@ use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 use std::sync::Mutex;
 
 use tracking_allocator::{AllocationGroupId, AllocationGroupToken, AllocationRegistry, AllocationTracker, Allocator};
-use workloads::{Scope, WORKERS};
+use workloads::{DomCorpus, Scope, WORKERS};
 
 #[global_allocator]
 static GLOBAL: Allocator<tikv_jemallocator::Jemalloc> = Allocator::from_allocator(tikv_jemallocator::Jemalloc);
@@ -77,9 +78,11 @@ fn main() {
     let scope = InGroup([register(), register()]);
 
     workloads::measure_memory(NAME, &scope, || u64::try_from(scope.live()).ok());
+    let corpus = DomCorpus::generate();
     let mut c = workloads::criterion();
     workloads::bench_churn(&mut c, NAME, &scope);
     workloads::bench_realistic(&mut c, NAME, &scope);
+    workloads::bench_dom(&mut c, NAME, &scope, &corpus);
     eprintln!("attribution: the workers' groups hold {} live bytes", scope.live());
     c.final_summary();
 }

@@ -3,8 +3,8 @@
 //!
 //! A binary has one global allocator, so each allocator is its own bench target; they all
 //! run the same workloads under the same criterion group names (`alloc/churn`,
-//! `alloc/realistic`) with the allocator's name as the function id, so the results land
-//! side by side under `target/criterion/`. `scripts/alloc-bench.sh` runs them all in one
+//! `alloc/realistic`, `alloc/dom`) with the allocator's name as the function id, so the
+//! results land side by side under `target/criterion/`. `scripts/alloc-bench.sh` runs them all in one
 //! `cargo bench` invocation and prints the ratios.
 //!
 //! Every workload is deterministic (a fixed-seed PRNG, a fixed hasher): each allocator
@@ -17,9 +17,10 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, DefaultHasher};
 use std::hint::black_box;
 use std::path::PathBuf;
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::time::Duration;
 
-use criterion::{BenchmarkGroup, Criterion, SamplingMode};
+use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput};
 use serde_json::{json, Value};
 
 /// The two workers of the realistic workload.
@@ -257,6 +258,149 @@ pub fn realistic_worker<S: Scope>(scope: &S, worker: usize) -> usize {
 }
 
 // ---------------------------------------------------------------------------------------
+// (c) DOM: API-like JSON documents parsed into `serde_json::Value` and serialized back
+
+#[path = "dom_corpus.rs"]
+mod dom_corpus;
+
+/// The `dom` corpus: texts of API-like documents (see `dom_corpus.rs`), split between the
+/// two workers so that each holds about half the bytes.
+pub struct DomCorpus {
+    pub shares: [Vec<String>; WORKERS],
+    pub documents: usize,
+    pub bytes: usize,
+}
+
+impl DomCorpus {
+    /// Generates the corpus (about `dom_corpus::CORPUS_BYTES` of text) from a fixed seed.
+    /// Call it outside any measurement: it parses and serializes every document once.
+    pub fn generate() -> Self {
+        let texts = dom_corpus::generate(11, dom_corpus::CORPUS_BYTES);
+        let (documents, bytes) = (texts.len(), texts.iter().map(String::len).sum::<usize>());
+        eprintln!(
+            "dom corpus: {documents} documents, {:.2} MiB of JSON text",
+            bytes as f64 / (1024.0 * 1024.0)
+        );
+        let mut shares: [Vec<String>; WORKERS] = Default::default();
+        let mut held = [0usize; WORKERS];
+        for text in texts {
+            let worker = (0..WORKERS).min_by_key(|&w| held[w]).expect("workers");
+            held[worker] += text.len();
+            shares[worker].push(text);
+        }
+        Self {
+            shares,
+            documents,
+            bytes,
+        }
+    }
+}
+
+/// What a worker hands its peer: a parsed tree for the peer to drop, or the end of its batch.
+enum Handoff {
+    Tree(Value),
+    Done,
+}
+
+/// One worker's batch, the unit of the `dom` workload: every document of its share parsed
+/// into a `Value` and serialized back to a `String`. Every fourth tree goes to the peer
+/// worker, which drops it (a free on another thread than the allocation's); the rest are
+/// dropped here. Returns once the peer's batch has ended too and all it handed over has
+/// been dropped, so nothing the batch allocated outlives it. Never inlined, so profilers
+/// can count it (`valgrind --toggle-collect='*dom_batch*'`; per document: its inclusive
+/// cost ÷ the calls of `dom_round_trip`).
+#[inline(never)]
+fn dom_batch(share: &[String], to_peer: &Sender<Handoff>, from_peer: &Receiver<Handoff>) -> usize {
+    let mut peer_done = false;
+    let mut sum = 0;
+    for (i, text) in share.iter().enumerate() {
+        let (tree, len) = dom_round_trip(text);
+        sum += len;
+        if i % 4 == 0 {
+            to_peer.send(Handoff::Tree(tree)).expect("the peer worker");
+        } else {
+            drop(black_box(tree));
+        }
+        while let Ok(handoff) = from_peer.try_recv() {
+            peer_done |= drop_handoff(handoff);
+        }
+    }
+    to_peer.send(Handoff::Done).expect("the peer worker");
+    while !peer_done {
+        peer_done = drop_handoff(from_peer.recv().expect("the peer worker"));
+    }
+    sum
+}
+
+/// One document parsed into a tree and serialized back (the serialized text dropped).
+/// Never inlined: its calls under a profiler count the documents.
+#[inline(never)]
+fn dom_round_trip(text: &str) -> (Value, usize) {
+    let tree: Value = serde_json::from_str(text).expect("a corpus document parses");
+    let out = serde_json::to_string(&tree).expect("a Value serializes");
+    let len = black_box(out).len();
+    (tree, len)
+}
+
+/// Drops a tree the peer handed over; true if it was the end of the peer's batch instead.
+fn drop_handoff(handoff: Handoff) -> bool {
+    match handoff {
+        Handoff::Tree(tree) => {
+            drop(black_box(tree));
+            false
+        }
+        Handoff::Done => true,
+    }
+}
+
+/// Two worker threads that live as long as the benchmark and run one batch each per
+/// iteration, each inside its scope (kept threads, as a service's request handlers are:
+/// neither thread start-up nor a thread's first allocations are measured).
+pub struct DomWorkers {
+    go: Vec<Sender<()>>,
+    done: Receiver<usize>,
+}
+
+impl DomWorkers {
+    pub fn start<'scope, S: Scope>(
+        threads: &'scope std::thread::Scope<'scope, '_>,
+        scope: &'scope S,
+        corpus: &'scope DomCorpus,
+    ) -> Self {
+        let (done_tx, done) = channel();
+        let (a_tx, a_rx) = channel();
+        let (b_tx, b_rx) = channel();
+        let mut links = [(b_tx, a_rx), (a_tx, b_rx)].into_iter();
+        let go = (0..WORKERS)
+            .map(|worker| {
+                let (to_peer, from_peer) = links.next().expect("a link per worker");
+                let (go_tx, go_rx) = channel::<()>();
+                let done = done_tx.clone();
+                let share = &corpus.shares[worker];
+                threads.spawn(move || {
+                    while go_rx.recv().is_ok() {
+                        let sum = scope.run(worker, || dom_batch(share, &to_peer, &from_peer));
+                        done.send(sum).expect("the benchmark thread");
+                    }
+                });
+                go_tx
+            })
+            .collect();
+        Self { go, done }
+    }
+
+    /// One iteration: both workers run their batch; returns the bytes serialized. Never
+    /// inlined, so a profiler can report each iteration (`--dump-after='*DomWorkers*run*'`).
+    #[inline(never)]
+    pub fn run(&self) -> usize {
+        for go in &self.go {
+            go.send(()).expect("a worker");
+        }
+        (0..WORKERS).map(|_| self.done.recv().expect("a worker")).sum()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Criterion set-up and the benchmarks every allocator runs
 
 /// Where criterion writes (`$CRITERION_HOME`, else `$CARGO_TARGET_DIR/criterion`, else
@@ -299,6 +443,22 @@ pub fn bench_realistic<S: Scope>(c: &mut Criterion, name: &str, scope: &S) {
     // An iteration takes milliseconds: few, equal samples fit the 3 s.
     group.sample_size(20).sampling_mode(SamplingMode::Flat);
     group.bench_function(name, |b| b.iter(|| realistic(scope)));
+    group.finish();
+}
+
+/// `alloc/dom/<name>`: one iteration is one pass over the whole corpus, half on each of
+/// two kept worker threads, each entering `scope` for its batch.
+pub fn bench_dom<S: Scope>(c: &mut Criterion, name: &str, scope: &S, corpus: &DomCorpus) {
+    let mut group = c.benchmark_group("alloc/dom");
+    short(&mut group);
+    // An iteration takes milliseconds, as in `alloc/realistic`.
+    group.sample_size(20).sampling_mode(SamplingMode::Flat);
+    group.throughput(Throughput::Bytes(corpus.bytes as u64));
+    std::thread::scope(|threads| {
+        let workers = DomWorkers::start(threads, scope, corpus);
+        group.bench_function(name, |b| b.iter(|| workers.run()));
+        // Dropping `workers` ends the threads' loops before the scope joins them.
+    });
     group.finish();
 }
 
