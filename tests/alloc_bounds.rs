@@ -187,6 +187,8 @@ const SMALL_CLASSES: [usize; 36] = [
 const CACHED_PER_THREAD: u64 = 2 * MIB;
 /// What memtel may add to bare jemalloc's RSS with all threads idle.
 const CACHED_RSS_SLACK: u64 = 16 * MIB;
+/// How long the threads stay idle before their figure is taken.
+const IDLE_FOR: Duration = Duration::from_secs(3);
 
 /// In each component: a burst in every small class (32 KiB worth and 16 allocations more per
 /// class, every byte written, all held at once), then all of it freed.
@@ -241,6 +243,9 @@ fn idle_threads_in_64_components_hold_at_most_16_mib_more_than_bare_jemalloc() {
             })
             .collect();
         idle.wait();
+        let rss_just_idle = process::vm_rss();
+        // Idle a while: long enough for a component arena's decay (1 s) to run its course.
+        std::thread::sleep(IDLE_FOR);
         let rss_idle = process::vm_rss();
         let cached_idle = memtel::alloc::cached_bytes();
         let not_back: Vec<String> = scopes
@@ -255,6 +260,7 @@ fn idle_threads_in_64_components_hold_at_most_16_mib_more_than_bare_jemalloc() {
         }
         let rss_exited = process::vm_rss();
         report(json!({
+            "rss_growth_just_idle": rss_just_idle.saturating_sub(baseline),
             "rss_growth_idle": rss_idle.saturating_sub(baseline),
             "rss_growth_exited": rss_exited.saturating_sub(baseline),
             "cached_bytes_idle": cached_idle,
@@ -266,7 +272,8 @@ fn idle_threads_in_64_components_hold_at_most_16_mib_more_than_bare_jemalloc() {
     both.print_mib(
         "idle threads × components: 8 threads × 64 components × 36 classes, all freed",
         &[
-            ("VmRSS growth, threads idle", "rss_growth_idle"),
+            ("VmRSS growth, just idle", "rss_growth_just_idle"),
+            ("VmRSS growth, idle 3 s", "rss_growth_idle"),
             ("VmRSS growth, threads exited", "rss_growth_exited"),
             ("memtel cached_bytes, idle", "cached_bytes_idle"),
         ],
