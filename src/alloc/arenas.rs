@@ -109,6 +109,7 @@ fn create_arena(slot: usize) -> Option<u32> {
     }
     set_dirty_decay(index);
     ARENAS[slot].store(index + 1, Release);
+    start_decay_thread();
     Some(index)
 }
 
@@ -155,14 +156,69 @@ fn set_dirty_decay(index: c_uint) {
     let _ = unsafe { tikv_jemalloc_ctl::raw::write_mib::<isize>(&mib, DIRTY_DECAY_MS) };
 }
 
-/// Turns jemalloc's background threads on, which decay every arena on time. jemalloc
-/// decays an arena only as it is used, and purges one whose last thread exits: no thread
-/// is bound to a component arena, and a component that goes idle would keep its freed
-/// pages until the next allocation in it. (A purge at the exit of the last thread keeping
-/// lists for an arena stays, for where background threads are unavailable.)
-fn enable_background_decay() {
-    // SAFETY: "background_thread" takes a bool.
-    let _ = unsafe { tikv_jemalloc_ctl::raw::write::<bool>(b"background_thread\0", true) };
+/// How often the decay thread lets jemalloc decay the component arenas.
+const DECAY_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Whether the decay thread runs in this process (not inherited by a `fork` child).
+static DECAYING: AtomicBool = AtomicBool::new(false);
+
+/// Starts the decay thread once: jemalloc decays an arena only as it is used (and purges
+/// one whose last bound thread exits), and no thread is bound to a component arena, so a
+/// component that goes idle would keep its freed pages until its next allocation. The thread
+/// runs `arena.<i>.decay` on each component arena every [`DECAY_EVERY`], which returns what
+/// is older than [`DIRTY_DECAY_MS`] by jemalloc's own curve. It is a bare pthread that never
+/// touches the Rust heap. (jemalloc's own background threads would do it too, but turning
+/// them on changes every arena of the process: its arenas no longer purge when their last
+/// thread exits.)
+fn start_decay_thread() {
+    if DECAYING.swap(true, Relaxed) {
+        return;
+    }
+    let mut thread: libc::pthread_t = 0;
+    // SAFETY: default attributes; the routine takes no argument and never returns.
+    if unsafe { libc::pthread_create(&mut thread, std::ptr::null(), decay_loop, std::ptr::null_mut()) } != 0 {
+        DECAYING.store(false, Relaxed);
+        return;
+    }
+    // SAFETY: a thread just created; names are at most 15 bytes.
+    unsafe {
+        libc::pthread_setname_np(thread, c"memtel-decay".as_ptr());
+        libc::pthread_detach(thread);
+    }
+}
+
+extern "C" fn decay_loop(_: *mut c_void) -> *mut c_void {
+    let mut mib = [0usize; 3];
+    if tikv_jemalloc_ctl::raw::name_to_mib(b"arena.0.decay\0", &mut mib).is_err() {
+        return std::ptr::null_mut();
+    }
+    loop {
+        std::thread::sleep(DECAY_EVERY);
+        for arena in &ARENAS {
+            let index = match arena.load(Acquire) {
+                0 | BUSY | FAILED => continue,
+                index => index - 1,
+            };
+            mib[1] = index as usize;
+            // SAFETY: "arena.<i>.decay" takes no value.
+            unsafe {
+                sys::mallctlbymib(
+                    mib.as_ptr(),
+                    mib.len(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    0,
+                )
+            };
+        }
+    }
+}
+
+/// In a child after `fork`: the decay thread was not inherited; the next arena made starts
+/// one (see `create_arena`).
+extern "C" fn decay_thread_gone_in_child() {
+    DECAYING.store(false, Relaxed);
 }
 
 /// Whether jemalloc still serves this thread normally: false once it has cleaned up the
@@ -216,8 +272,9 @@ fn reserve() -> bool {
         RESERVATION.store(UNAVAILABLE, Release);
         return false;
     }
+    // SAFETY: registering a handler with no arguments that only stores to an atomic.
+    unsafe { libc::pthread_atfork(None, None, Some(decay_thread_gone_in_child)) };
     chunks::install(base);
-    enable_background_decay();
     RESERVATION.store(READY, Release);
     true
 }
