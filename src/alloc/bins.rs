@@ -24,8 +24,9 @@
 //!   refill), used only for refills, which take regions from it in one
 //!   `experimental.batch_alloc` call (without a tcache every region would take the arena's
 //!   lock: 1.38× the instructions on the realistic benchmark). It holds at most what one
-//!   component's refills fetched ahead; before it serves another component it is flushed
-//!   (`tcache.flush`), so it never mixes components. A refill asks for fewer regions than a
+//!   component's refills fetched ahead (jemalloc's fill for each class it was asked for);
+//!   before it serves another component it is flushed (`tcache.flush`), so it never mixes
+//!   components. A refill asks for fewer regions than a
 //!   slab holds, so jemalloc takes them from partly used slabs first (a batch of a slab's
 //!   region count or more takes fresh slabs only, and freed holes would never be reused).
 //! - **Returns go through the thread's automatic tcache**, jemalloc's fast path, which
@@ -490,16 +491,13 @@ unsafe fn halve(t: &ThreadBins, bin: &Bin, class: usize) {
     t.cached.set(t.cached.get() - released as usize * class_size(class));
 }
 
-/// Halves every list of the thread, and empties its tcaches: the explicit one of what
-/// refills fetched ahead, the automatic one of the regions returns put there. A thread that
-/// keeps freeing past its budget is done allocating for now, and regions of many
-/// components' arenas left in a tcache would each keep a slab of its own resident.
+/// Halves every list of the thread, and flushes its automatic tcache of the regions
+/// returns put there: a thread that keeps freeing past its budget is done allocating for
+/// now, and regions of many components' arenas left in a tcache would each keep a slab of
+/// its own resident. (Its explicit tcache keeps what refills fetched ahead: flushing that
+/// too made a DOM-heavy workload's bursts, which free past the budget every few
+/// milliseconds, refill from the arena each time.)
 unsafe fn trim_all(t: &ThreadBins) {
-    let tcache = t.tcache.get();
-    if !matches!(tcache, NO_TCACHE_YET | NO_TCACHE) {
-        // SAFETY: "tcache.flush" takes an unsigned; the tcache is this thread's.
-        let _ = raw::write::<c_uint>(b"tcache.flush\0", tcache - 1);
-    }
     flush_automatic_tcache();
     for cell in &t.lists {
         let bins = cell.get();
