@@ -185,13 +185,13 @@ fn without_address_space_for_the_arenas_every_allocation_keeps_its_tag() {
             "--nocapture",
         ])
         .env(CHILD, "1");
-    // SAFETY: setrlimit is async-signal-safe. 32 GiB of address space: plenty for the
-    // test, too little for the arenas' 64 GiB reservation.
+    // SAFETY: setrlimit is async-signal-safe. 3 GiB of address space: enough for the
+    // test, too little for the arenas' smallest reservation (4 GiB; 64 GiB where it can).
     unsafe {
         child.pre_exec(|| {
             let limit = libc::rlimit {
-                rlim_cur: 32 << 30,
-                rlim_max: 32 << 30,
+                rlim_cur: 3 << 30,
+                rlim_max: 3 << 30,
             };
             if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
                 return Err(std::io::Error::last_os_error());
@@ -258,6 +258,53 @@ fn the_tags_scheme_chosen_by_the_environment_places_nothing_and_stays_exact() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && stdout.contains("child: tags"),
+        "child: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Run in a child process whose address space is limited to 24 GiB.
+const SMALLER_CHILD: &str = "MEMTEL_PLACEMENT_SMALLER_CHILD";
+
+#[test]
+fn with_less_address_space_a_smaller_reservation_still_places() {
+    if std::env::var_os(SMALLER_CHILD).is_some() {
+        // Placed: exactly jemalloc's class, as with the full reservation.
+        holds_at_class_size("smaller64", 64, 64);
+        assert!(
+            memtel::alloc::component_arenas() >= 1,
+            "nothing placed under a 24 GiB RLIMIT_AS"
+        );
+        println!("child: placed");
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"));
+    child
+        .args([
+            "--exact",
+            "with_less_address_space_a_smaller_reservation_still_places",
+            "--nocapture",
+        ])
+        .env(SMALLER_CHILD, "1");
+    // SAFETY: setrlimit is async-signal-safe. 24 GiB: room for a 16 GiB reservation, not 64.
+    unsafe {
+        child.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 24 << 30,
+                rlim_max: 24 << 30,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = child.output().expect("run the child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("child: placed"),
         "child: {}\n{stdout}\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr)

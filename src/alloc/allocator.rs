@@ -18,20 +18,22 @@ use super::{arenas, bins, classes};
 ///   pages come from 2 MiB chunks of one reserved address range; a table records which
 ///   component owns each chunk, and a free finds the component from the address. Each
 ///   thread keeps short lists of free regions per component and size class (at most
-///   16 KiB or 12 regions per class), so most allocations and frees take a few loads and
-///   stores and never reach jemalloc; the lists go back to jemalloc when the thread
-///   exits. An allocation takes exactly the size class jemalloc alone would give it.
-///   The range is 64 GiB of address space (`PROT_NONE`, no memory), reserved on first
-///   use.
+///   16 KiB or 4 regions per class, and 256 KiB in all per thread), so most allocations
+///   and frees take a few loads and stores and never reach jemalloc; the lists go back to
+///   jemalloc when the thread exits. An allocation takes exactly the size class jemalloc
+///   alone would give it. The range is 64 GiB of address space (`PROT_NONE`, no memory),
+///   reserved on first use. Why this is safe in every case (threads jemalloc already
+///   cleaned up, `fork`, `retain:false`, a full reservation) is in `bins` and the README.
 /// - **A tag** for everything else — large allocations, alignments above a page, any
-///   inner allocator but jemalloc, and every allocation where the reservation is refused
-///   (an `RLIMIT_AS` below it) or used up: each is asked of the inner allocator one byte
-///   larger, and that byte, just past the caller's memory, holds the component. It
-///   costs nothing when the request leaves room in its size class, and a whole class
-///   step when it does not.
+///   inner allocator but jemalloc, every allocation that cannot be placed (the
+///   reservation refused by an `RLIMIT_AS` or full, a thread jemalloc has cleaned up), and
+///   everything with [`tags_only`](Self::tags_only) or `MEMTEL_ALLOC_SCHEME=tags`: each is
+///   asked of the inner allocator one byte larger, and that byte, just past the caller's
+///   memory, holds the component. It costs nothing when the request leaves room in its
+///   size class, and a whole class step when it does not.
 ///
-/// Over jemalloc, attribution costs about as much time as jemalloc's own fast paths save
-/// it, and about 1–3 % more resident memory (BENCHMARKS.md).
+/// Over jemalloc, attribution costs about 1 % more resident memory on a realistic data set
+/// and 1.0–1.2× bare jemalloc's time, depending on the workload (BENCHMARKS.md).
 ///
 /// A `realloc` keeps the allocation's component: a buffer belongs to whoever created
 /// it, wherever it grows. Counters are sharded per thread (see the crate docs).

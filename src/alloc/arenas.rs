@@ -252,7 +252,7 @@ fn reserve() -> bool {
         RESERVATION.store(UNAVAILABLE, Release);
         return false;
     }
-    let Some(base) = chunks::map_aligned_reservation() else {
+    let Some((base, size)) = chunks::map_aligned_reservation() else {
         RESERVATION.store(UNAVAILABLE, Release);
         return false;
     };
@@ -268,13 +268,13 @@ fn reserve() -> bool {
     // SAFETY: registering a handler with no arguments that only stores to atomics.
     if unsafe { libc::pthread_atfork(None, None, Some(chunks::after_fork_in_child)) } != 0 {
         // SAFETY: unmapping the mapping made just above, which nothing uses.
-        unsafe { libc::munmap(base.cast(), chunks::TOTAL) };
+        unsafe { libc::munmap(base.cast(), size) };
         RESERVATION.store(UNAVAILABLE, Release);
         return false;
     }
     // SAFETY: registering a handler with no arguments that only stores to an atomic.
     unsafe { libc::pthread_atfork(None, None, Some(decay_thread_gone_in_child)) };
-    chunks::install(base);
+    chunks::install(base, size);
     RESERVATION.store(READY, Release);
     true
 }

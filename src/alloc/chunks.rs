@@ -15,17 +15,28 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering::Acquire, Or
 
 use super::counters::SLOTS;
 
-/// 64 GiB of address space, shared by every arena. (Dense, so the arenas share
+/// At most 64 GiB of address space, shared by every arena. (Dense, so the arenas share
 /// jemalloc's page-map nodes; if it is ever all in use, new allocations carry tags.)
-pub(crate) const TOTAL: usize = 64 << 30;
+const TOTAL: usize = 64 << 30;
+/// Where 64 GiB of address space is refused (an `RLIMIT_AS`, valgrind), the reservation
+/// halves down to this.
+const SMALLEST: usize = 4 << 30;
 const CHUNK_SHIFT: u32 = 21;
 pub(crate) const CHUNK: usize = 1 << CHUNK_SHIFT;
 const CHUNKS: usize = TOTAL >> CHUNK_SHIFT;
 
-/// Until the reservation exists `BASE` holds an address no user pointer is within
-/// `TOTAL` of (the kernel's half), so [`slot_of`] is `None` for every pointer.
-const UNRESERVED: usize = 1 << 63;
-static BASE: AtomicUsize = AtomicUsize::new(UNRESERVED);
+/// The reservation: its start, and its size (0 until it exists, so [`slot_of`] is `None`
+/// for every pointer).
+#[repr(C, align(16))]
+struct Reservation {
+    base: AtomicUsize,
+    size: AtomicUsize,
+}
+
+static RESERVED: Reservation = Reservation {
+    base: AtomicUsize::new(0),
+    size: AtomicUsize::new(0),
+};
 
 /// The slot whose arena owns each chunk (32 KiB; untouched entries cost no memory).
 static CHUNK_SLOT: [AtomicU8; CHUNKS] = [const { AtomicU8::new(0) }; CHUNKS];
@@ -124,24 +135,36 @@ pub(crate) extern "C" fn after_fork_in_child() {
 /// extent in it was given back, when no live allocation points into it.)
 #[inline(always)]
 pub(crate) fn slot_of(ptr: *mut u8) -> Option<u8> {
-    let offset = (ptr as usize).wrapping_sub(BASE.load(Relaxed));
-    if offset < TOTAL {
+    let offset = (ptr as usize).wrapping_sub(RESERVED.base.load(Relaxed));
+    if offset < RESERVED.size.load(Relaxed) {
         Some(CHUNK_SLOT[offset >> CHUNK_SHIFT].load(Relaxed))
     } else {
         None
     }
 }
 
-/// Maps `TOTAL` bytes with no access, starting on a chunk boundary: jemalloc asks for
-/// aligned extents, and chunks are aligned in absolute terms, so the table's entries must
-/// be too. The kernel aligns large mappings on some versions only, so this maps a chunk
-/// more and unmaps the slack on either side.
-pub(crate) fn map_aligned_reservation() -> Option<*mut u8> {
+/// Maps as much address space as it can, from 64 GiB down to 4 GiB, with no access and
+/// starting on a chunk boundary: jemalloc asks for aligned extents, and chunks are aligned
+/// in absolute terms, so the table's entries must be too. Returns its start and size.
+pub(crate) fn map_aligned_reservation() -> Option<(*mut u8, usize)> {
+    let mut size = TOTAL;
+    while size >= SMALLEST {
+        if let Some(base) = map_aligned(size) {
+            return Some((base, size));
+        }
+        size /= 2;
+    }
+    None
+}
+
+/// Maps `size` bytes with no access on a chunk boundary. The kernel aligns large mappings on
+/// some versions only, so this maps a chunk more and unmaps the slack on either side.
+fn map_aligned(size: usize) -> Option<*mut u8> {
     // SAFETY: a fresh anonymous mapping with no access; nothing else refers to it.
     let raw = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
-            TOTAL + CHUNK,
+            size + CHUNK,
             libc::PROT_NONE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
             -1,
@@ -154,21 +177,27 @@ pub(crate) fn map_aligned_reservation() -> Option<*mut u8> {
     let start = raw as usize;
     let base = start.next_multiple_of(CHUNK);
     let (head, tail) = (base - start, start + CHUNK - base);
-    // SAFETY: both ranges lie in the mapping just made, outside [base, base + TOTAL).
+    // SAFETY: both ranges lie in the mapping just made, outside [base, base + size).
     unsafe {
         if head > 0 {
             libc::munmap(raw, head);
         }
         if tail > 0 {
-            libc::munmap((base + TOTAL) as *mut c_void, tail);
+            libc::munmap((base + size) as *mut c_void, tail);
         }
     }
     Some(base as *mut u8)
 }
 
-/// Makes `base` (from [`map_aligned_reservation`]) the reservation.
-pub(crate) fn install(base: *mut u8) {
-    BASE.store(base as usize, std::sync::atomic::Ordering::Release);
+/// Makes `base`, `size` (from [`map_aligned_reservation`]) the reservation.
+pub(crate) fn install(base: *mut u8, size: usize) {
+    RESERVED.base.store(base as usize, Relaxed);
+    RESERVED.size.store(size, Release);
+}
+
+/// The reservation's size in chunks.
+fn chunks_reserved() -> usize {
+    RESERVED.size.load(Relaxed) >> CHUNK_SHIFT
 }
 
 /// Replaces `[address, address + size)` with fresh inaccessible pages: their memory goes
@@ -190,8 +219,8 @@ unsafe fn reset(address: usize, size: usize) {
 /// An extent of `size` bytes (a multiple of the page) aligned to `alignment`, owned by
 /// `slot`, its pages accessible and zero; `None` if the reservation has no room.
 pub(crate) fn take(slot: usize, size: usize, alignment: usize) -> Option<*mut c_void> {
-    let base = BASE.load(Relaxed);
-    if base == UNRESERVED || size == 0 || !alignment.is_power_of_two() {
+    let base = RESERVED.base.load(Relaxed);
+    if RESERVED.size.load(Acquire) == 0 || size == 0 || !alignment.is_power_of_two() {
         return None;
     }
     let address = {
@@ -230,7 +259,7 @@ fn take_packed(space: &mut Space, slot: usize, size: usize, alignment: usize) ->
     let chunk = if space.free_len > 0 {
         space.free_len -= 1;
         space.free[space.free_len] as usize
-    } else if space.bumped < CHUNKS {
+    } else if space.bumped < chunks_reserved() {
         space.bumped += 1;
         space.bumped - 1
     } else {
@@ -247,7 +276,7 @@ fn take_packed(space: &mut Space, slot: usize, size: usize, alignment: usize) ->
 fn take_chunks(space: &mut Space, slot: usize, size: usize, alignment: usize) -> Option<usize> {
     let count = size.div_ceil(CHUNK);
     let first = space.bumped.next_multiple_of((alignment >> CHUNK_SHIFT).max(1));
-    if first.checked_add(count)? > CHUNKS {
+    if first.checked_add(count)? > chunks_reserved() {
         return None;
     }
     // Chunks skipped for the alignment are free for later extents.
@@ -279,12 +308,12 @@ fn free_chunk(space: &mut Space, chunk: usize) {
 /// Gives back an extent [`take`] handed out (jemalloc no longer uses it): its pages go
 /// back to the kernel, and each chunk it leaves empty is free for any component.
 pub(crate) fn give_back(address: *mut c_void, size: usize) {
-    let base = BASE.load(Relaxed);
+    let base = RESERVED.base.load(Relaxed);
     let (start, end) = (
         (address as usize).wrapping_sub(base),
         (address as usize).wrapping_sub(base) + size,
     );
-    if end > TOTAL || start > end {
+    if end > RESERVED.size.load(Relaxed) || start > end {
         return;
     }
     let mut space = lock();
@@ -312,10 +341,11 @@ mod tests {
     #[test]
     fn the_reservation_starts_on_a_chunk_boundary() {
         for _ in 0..8 {
-            let base = map_aligned_reservation().expect("reserve");
+            let (base, size) = map_aligned_reservation().expect("reserve");
             assert_eq!(base as usize % CHUNK, 0, "{base:p}");
+            assert!((SMALLEST..=TOTAL).contains(&size));
             // SAFETY: the mapping just made.
-            unsafe { libc::munmap(base.cast(), TOTAL) };
+            unsafe { libc::munmap(base.cast(), size) };
         }
     }
 }
