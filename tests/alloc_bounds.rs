@@ -183,8 +183,8 @@ const SMALL_CLASSES: [usize; 36] = [
     8, 16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 1792,
     2048, 2560, 3072, 3584, 4096, 5120, 6144, 7168, 8192, 10_240, 12_288, 14_336,
 ];
-/// What memtel may hold for itself per idle thread, whatever the number of components.
-const CACHED_PER_THREAD: u64 = 2 * MIB;
+/// What a thread's lists may hold, whatever the number of components (README: 512 KiB).
+const CACHED_PER_THREAD: u64 = 512 << 10;
 /// What memtel may add to bare jemalloc's RSS with all threads idle.
 const CACHED_RSS_SLACK: u64 = 16 * MIB;
 /// How long the threads stay idle before their figure is taken.
@@ -296,7 +296,8 @@ fn idle_threads_in_64_components_hold_at_most_16_mib_more_than_bare_jemalloc() {
         cached > 0.0,
         "memtel reports no cached bytes with 8 threads idle after bursts"
     );
-    let cached_bound = CACHED_PER_THREAD * CACHED_THREADS as u64;
+    // The burst threads, and the main thread (its own allocations are placed too).
+    let cached_bound = CACHED_PER_THREAD * (CACHED_THREADS as u64 + 1);
     assert!(
         cached <= cached_bound as f64,
         "memtel holds {:.1} MiB in per-thread caches of 8 idle threads (bound {} MiB)",

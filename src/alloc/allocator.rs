@@ -18,7 +18,7 @@ use super::{arenas, bins, classes};
 ///   pages come from 2 MiB chunks of one reserved address range; a table records which
 ///   component owns each chunk, and a free finds the component from the address. Each
 ///   thread keeps short lists of free regions per component and size class (at most
-///   16 KiB or 4 regions per class, and 256 KiB in all per thread), so most allocations
+///   16 KiB or 4 regions per class, and 512 KiB in all per thread), so most allocations
 ///   and frees take a few loads and stores and never reach jemalloc; the lists go back to
 ///   jemalloc when the thread exits. An allocation takes exactly the size class jemalloc
 ///   alone would give it. The range is 64 GiB of address space (`PROT_NONE`, no memory),

@@ -60,7 +60,7 @@ use super::classes::{CLASSES, CLASS_SIZE};
 use super::counters::{self, ThreadState, SLOTS};
 
 /// Bytes a thread's lists may hold in all, over every component and class.
-pub(crate) const BUDGET: usize = 256 << 10;
+pub(crate) const BUDGET: usize = 512 << 10;
 /// Bytes one list (a component and class) may hold, at least [`CAP_MIN`] and at most
 /// [`CAP_MAX`] regions: what a list holds between refills.
 const CAP_BYTES: usize = 16 << 10;
@@ -132,6 +132,10 @@ pub(crate) struct Bins {
     bins: [Bin; CLASSES],
     /// The `mallocx` flag naming the component's arena.
     arena: i32,
+    /// The capacity of these lists, in bytes.
+    capacity: Cell<usize>,
+    /// When the thread last refilled or overflowed one of these lists (its `clock`).
+    used: Cell<u64>,
 }
 
 /// A thread's caches: its lists per component, what they hold, and its explicit tcache.
@@ -143,6 +147,8 @@ pub(crate) struct ThreadBins {
     published: Cell<usize>,
     /// Slow-path calls since the lists were last counted.
     events: Cell<u32>,
+    /// Counts the thread's refills and overflows: which component's lists were used last.
+    clock: Cell<u64>,
     /// Frees that found the budget spent and their own list empty, since the last trim.
     starved: Cell<u32>,
     /// The explicit tcache refills come from: [`NO_TCACHE_YET`], [`NO_TCACHE`], or its
@@ -158,6 +164,7 @@ impl ThreadBins {
             committed: Cell::new(0),
             published: Cell::new(0),
             events: Cell::new(0),
+            clock: Cell::new(0),
             starved: Cell::new(0),
             tcache: Cell::new(NO_TCACHE_YET),
             tcache_slot: Cell::new(0),
@@ -182,6 +189,8 @@ pub(crate) static NONE: NoBins = NoBins(Bins {
         }
     }; CLASSES],
     arena: 0,
+    capacity: Cell::new(0),
+    used: Cell::new(0),
 });
 
 /// Bytes in every thread's lists, as each last published them.
@@ -328,6 +337,8 @@ fn bins_or_make(t: &ThreadBins, slot: u8) -> Option<&Bins> {
                 cap: Cell::new(0),
             }),
             arena,
+            capacity: Cell::new(0),
+            used: Cell::new(0),
         });
     }
     cell.set(made);
@@ -399,10 +410,11 @@ unsafe fn refill(state: &ThreadState, slot: u8, class: usize) -> *mut u8 {
     let Some(bins) = bins_or_make(t, slot) else {
         return std::ptr::null_mut();
     };
+    touch(t, bins);
     let bin = &bins.bins[class];
     let extra = REFILL[class].load(Relaxed).saturating_sub(1);
     if bin.room.get() < extra {
-        grow(t, bin, class, extra - bin.room.get());
+        grow(t, bins, bin, class, extra - bin.room.get());
     }
     // The list is empty: its room is its capacity.
     let want = extra.min(bin.room.get()) as usize + 1;
@@ -481,18 +493,53 @@ unsafe fn batch_alloc(regions: &mut [*mut c_void], size: usize, flags: i32) -> u
     filled.min(regions.len())
 }
 
-/// Gives `bin` up to `more` regions of capacity, as far as the thread's budget allows;
+/// Marks `bins` as the thread's most recently used lists.
+fn touch(t: &ThreadBins, bins: &Bins) {
+    let clock = t.clock.get() + 1;
+    t.clock.set(clock);
+    bins.used.set(clock);
+}
+
+/// Gives `bin` (of `bins`) up to `more` regions of capacity, as far as the thread's budget
+/// allows, taking back first what the least recently used other component's lists have;
 /// returns how many it got.
-fn grow(t: &ThreadBins, bin: &Bin, class: usize, more: u32) -> u32 {
+unsafe fn grow(t: &ThreadBins, bins: &Bins, bin: &Bin, class: usize, more: u32) -> u32 {
     let size = class_size(class);
-    let by_budget = (BUDGET.saturating_sub(t.committed.get()) / size) as u32;
-    let more = more.min(CAP[class] - bin.cap.get()).min(by_budget);
+    let more = more.min(CAP[class] - bin.cap.get());
+    while t.committed.get() + more as usize * size > BUDGET && reclaim_least_recent(t, bins) {}
+    let more = more.min((BUDGET.saturating_sub(t.committed.get()) / size) as u32);
     if more > 0 {
         bin.cap.set(bin.cap.get() + more);
         bin.room.set(bin.room.get() + more);
         t.committed.set(t.committed.get() + more as usize * size);
+        bins.capacity.set(bins.capacity.get() + more as usize * size);
     }
     more
+}
+
+/// Takes all capacity from the lists of the component (other than `keep`'s) the thread
+/// used least recently, returning what they hold to jemalloc; false if none has any.
+unsafe fn reclaim_least_recent(t: &ThreadBins, keep: &Bins) -> bool {
+    let mut oldest: Option<&Bins> = None;
+    for cell in &t.lists {
+        let bins = &*cell.get();
+        if std::ptr::eq(bins, &NONE.0) || std::ptr::eq(bins, keep) || bins.capacity.get() == 0 {
+            continue;
+        }
+        if oldest.is_none_or(|o| bins.used.get() < o.used.get()) {
+            oldest = Some(bins);
+        }
+    }
+    let Some(bins) = oldest else {
+        return false;
+    };
+    for (class, bin) in bins.bins.iter().enumerate() {
+        release_list(bin.head.replace(std::ptr::null_mut()), class);
+        bin.cap.set(0);
+        bin.room.set(0);
+    }
+    t.committed.set(t.committed.get() - bins.capacity.replace(0));
+    true
 }
 
 /// A free that found its list full (or no list): the list grows if the budget allows; if
@@ -505,8 +552,9 @@ unsafe fn overflow(state: &ThreadState, slot: u8, class: usize, region: *mut u8)
     let Some(bins) = bins_or_make(t, slot) else {
         return release(region, class);
     };
+    touch(t, bins);
     let bin = &bins.bins[class];
-    if grow(t, bin, class, REFILL[class].load(Relaxed)) == 0 {
+    if grow(t, bins, bin, class, REFILL[class].load(Relaxed)) == 0 {
         if bin.cap.get() > 0 {
             halve(bin, class);
         } else {
@@ -572,8 +620,9 @@ unsafe fn trim_all(t: &ThreadBins) {
             release_list(cut(bin, kept), class);
             bin.cap.set(new_cap);
             bin.room.set(new_cap - kept);
-            t.committed
-                .set(t.committed.get() - (cap - new_cap) as usize * class_size(class));
+            let freed = (cap - new_cap) as usize * class_size(class);
+            t.committed.set(t.committed.get() - freed);
+            (*bins).capacity.set((*bins).capacity.get() - freed);
         }
     }
     publish(t);

@@ -81,9 +81,10 @@ pub fn component_arenas() -> usize {
 /// Bytes of freed small allocations the tracking allocator keeps in its per-thread lists
 /// for reuse (placement only; 0 with tags or another allocator than jemalloc).
 ///
-/// Each thread's lists hold at most 256 KiB, whatever the number of components. The
-/// figure is each thread's as of its last refill, return to jemalloc or exit, so it is
-/// within 256 KiB per thread of the bytes held at this instant. The allocations are
+/// Each thread's lists hold at most 512 KiB, whatever the number of components. The
+/// figure is each thread's as it last counted them (every 16 refills or returns to
+/// jemalloc, and at exit), so it is within 512 KiB per thread of the bytes held at this
+/// instant. The allocations are
 /// counted by jemalloc as allocated (`jemalloc.allocated_mb`) and by no component.
 ///
 /// ```
@@ -93,7 +94,7 @@ pub fn component_arenas() -> usize {
 ///
 /// let strings: Vec<String> = memtel::component("parser").in_scope(|| (0..100).map(|i| i.to_string()).collect());
 /// drop(strings);
-/// assert!(memtel::alloc::cached_bytes() <= 256 << 10);
+/// assert!(memtel::alloc::cached_bytes() <= 512 << 10);
 /// ```
 pub fn cached_bytes() -> u64 {
     #[cfg(feature = "jemalloc")]
