@@ -18,6 +18,10 @@
 //! 96 GiB, more than its 64 GiB: it runs out during the peaks, between their reallocs.
 #![cfg(feature = "jemalloc")]
 
+#[path = "support/rng.rs"]
+mod rng;
+
+use rng::Rng;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -245,12 +249,12 @@ fn stress(t: usize, components: &[Component], exchange: &Mutex<Vec<Block>>) -> u
         let scope = components[rng.below(components.len())];
         match rng.below(100) {
             0..=39 if held.len() < HELD_MAX => {
-                let size = rng.size();
+                let size = rng.log_size(3, 13);
                 held.push(scope.in_scope(|| Block::new(size, rng.next() as usize)));
             }
             0..=64 if !held.is_empty() => {
                 let i = rng.below(held.len());
-                let size = rng.crossing(held[i].len());
+                let size = crossing(&mut rng, held[i].len());
                 scope.in_scope(|| held[i].resize(size));
             }
             65..=89 if !held.is_empty() => held.swap_remove(rng.below(held.len())).free(),
@@ -345,39 +349,12 @@ impl Block {
     }
 }
 
-/// A seeded PRNG (SplitMix64): the same choices for the same thread on every run.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    /// 8 B to 64 KiB, log-uniform: as many small sizes as large ones.
-    fn size(&mut self) -> usize {
-        let bits = 3 + self.below(13);
-        (1usize << bits) + self.below(1 << bits)
-    }
-
-    /// A new size for a block of `len` bytes: half the time on the other side of the
-    /// small/large border.
-    fn crossing(&mut self, len: usize) -> usize {
-        match (self.below(2), len <= SMALL_MAX) {
-            (0, true) => LARGE_MIN + self.below(MAX_SIZE - LARGE_MIN),
-            (0, false) => 8 + self.below(SMALL_MAX - 8),
-            _ => self.size().min(MAX_SIZE),
-        }
+/// A new size for a block of `len` bytes: half the time on the other side of the
+/// small/large border.
+fn crossing(rng: &mut Rng, len: usize) -> usize {
+    match (rng.below(2), len <= SMALL_MAX) {
+        (0, true) => LARGE_MIN + rng.below(MAX_SIZE - LARGE_MIN),
+        (0, false) => 8 + rng.below(SMALL_MAX - 8),
+        _ => rng.log_size(3, 13).min(MAX_SIZE),
     }
 }

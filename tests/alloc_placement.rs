@@ -164,8 +164,43 @@ fn threads_that_come_and_go_free_each_others_placed_allocations_exactly() {
     assert_eq!(maker.live_bytes(), live_before);
 }
 
-/// Run in a child process whose address space is limited (see below).
+/// Set in the child processes the tests below start.
 const CHILD: &str = "MEMTEL_PLACEMENT_CHILD";
+
+/// Runs this test binary's `test` alone in a child process with `CHILD` and `env` set and,
+/// if given, its address space limited to `address_space` bytes (`RLIMIT_AS`); asserts
+/// the child succeeded and printed `says`.
+fn in_a_child(test: &str, env: &[(&str, &str)], address_space: Option<u64>, says: &str) {
+    use std::os::unix::process::CommandExt;
+    let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"));
+    child
+        .args(["--exact", test, "--nocapture"])
+        .env(CHILD, "1")
+        .envs(env.iter().copied());
+    if let Some(bytes) = address_space {
+        // SAFETY: setrlimit is async-signal-safe.
+        unsafe {
+            child.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: bytes,
+                    rlim_max: bytes,
+                };
+                if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let out = child.output().expect("run the child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains(says),
+        "child: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
 
 #[test]
 fn without_address_space_for_the_arenas_every_allocation_keeps_its_tag() {
@@ -176,36 +211,57 @@ fn without_address_space_for_the_arenas_every_allocation_keeps_its_tag() {
         println!("child: tagged");
         return;
     }
-    use std::os::unix::process::CommandExt;
-    let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"));
-    child
-        .args([
-            "--exact",
-            "without_address_space_for_the_arenas_every_allocation_keeps_its_tag",
-            "--nocapture",
-        ])
-        .env(CHILD, "1");
-    // SAFETY: setrlimit is async-signal-safe. 3 GiB of address space: enough for the
-    // test, too little for the arenas' smallest reservation (4 GiB; 64 GiB where it can).
-    unsafe {
-        child.pre_exec(|| {
-            let limit = libc::rlimit {
-                rlim_cur: 3 << 30,
-                rlim_max: 3 << 30,
-            };
-            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+    // 3 GiB of address space: enough for the test, too little for the arenas' smallest
+    // reservation (4 GiB; 64 GiB where it can).
+    in_a_child(
+        "without_address_space_for_the_arenas_every_allocation_keeps_its_tag",
+        &[],
+        Some(3 << 30),
+        "child: tagged",
+    );
+}
+
+#[test]
+fn with_less_address_space_a_smaller_reservation_still_places() {
+    if std::env::var_os(CHILD).is_some() {
+        // Placed: exactly jemalloc's class, as with the full reservation.
+        holds_at_class_size("smaller64", 64, 64);
+        assert!(
+            memtel::alloc::component_arenas() >= 1,
+            "nothing placed under a 24 GiB RLIMIT_AS"
+        );
+        println!("child: placed");
+        return;
     }
-    let out = child.output().expect("run the child");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("child: tagged"),
-        "child: {}\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
+    // 24 GiB: room for a 16 GiB reservation, not for 64.
+    in_a_child(
+        "with_less_address_space_a_smaller_reservation_still_places",
+        &[],
+        Some(24 << 30),
+        "child: placed",
+    );
+}
+
+#[test]
+fn the_tags_scheme_chosen_by_the_environment_places_nothing_and_stays_exact() {
+    if std::env::var_os(CHILD).is_some() {
+        // With a tag, a 64 B buffer takes the 80 B class; attribution is exact all the same.
+        holds_at_class_size("tags64", 64, 80);
+        holds_at_class_size("tags100", 100, 112);
+        assert_eq!(
+            memtel::alloc::component_arenas(),
+            0,
+            "an arena was made with tags chosen"
+        );
+        assert_eq!(memtel::alloc::cached_bytes(), 0);
+        println!("child: tags");
+        return;
+    }
+    in_a_child(
+        "the_tags_scheme_chosen_by_the_environment_places_nothing_and_stays_exact",
+        &[(memtel::alloc::SCHEME_VARIABLE, "tags")],
+        None,
+        "child: tags",
     );
 }
 
@@ -224,89 +280,5 @@ fn purging_returns_placed_pages_to_the_kernel() {
     assert!(
         resident_held.saturating_sub(resident_purged) >= 20 << 20,
         "resident {resident_held} → {resident_purged} after freeing 24 MiB of placed buffers and purging"
-    );
-}
-
-/// Run in a child process started with `MEMTEL_ALLOC_SCHEME=tags`.
-const TAGS_CHILD: &str = "MEMTEL_PLACEMENT_TAGS_CHILD";
-
-#[test]
-fn the_tags_scheme_chosen_by_the_environment_places_nothing_and_stays_exact() {
-    if std::env::var_os(TAGS_CHILD).is_some() {
-        // With a tag, a 64 B buffer takes the 80 B class; attribution is exact all the same.
-        holds_at_class_size("tags64", 64, 80);
-        holds_at_class_size("tags100", 100, 112);
-        assert_eq!(
-            memtel::alloc::component_arenas(),
-            0,
-            "an arena was made with tags chosen"
-        );
-        assert_eq!(memtel::alloc::cached_bytes(), 0);
-        println!("child: tags");
-        return;
-    }
-    let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            "--exact",
-            "the_tags_scheme_chosen_by_the_environment_places_nothing_and_stays_exact",
-            "--nocapture",
-        ])
-        .env(TAGS_CHILD, "1")
-        .env(memtel::alloc::SCHEME_VARIABLE, "tags")
-        .output()
-        .expect("run the child");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("child: tags"),
-        "child: {}\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Run in a child process whose address space is limited to 24 GiB.
-const SMALLER_CHILD: &str = "MEMTEL_PLACEMENT_SMALLER_CHILD";
-
-#[test]
-fn with_less_address_space_a_smaller_reservation_still_places() {
-    if std::env::var_os(SMALLER_CHILD).is_some() {
-        // Placed: exactly jemalloc's class, as with the full reservation.
-        holds_at_class_size("smaller64", 64, 64);
-        assert!(
-            memtel::alloc::component_arenas() >= 1,
-            "nothing placed under a 24 GiB RLIMIT_AS"
-        );
-        println!("child: placed");
-        return;
-    }
-    use std::os::unix::process::CommandExt;
-    let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"));
-    child
-        .args([
-            "--exact",
-            "with_less_address_space_a_smaller_reservation_still_places",
-            "--nocapture",
-        ])
-        .env(SMALLER_CHILD, "1");
-    // SAFETY: setrlimit is async-signal-safe. 24 GiB: room for a 16 GiB reservation, not 64.
-    unsafe {
-        child.pre_exec(|| {
-            let limit = libc::rlimit {
-                rlim_cur: 24 << 30,
-                rlim_max: 24 << 30,
-            };
-            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let out = child.output().expect("run the child");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("child: placed"),
-        "child: {}\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -25,6 +25,10 @@
 //! printed, and `MEMTEL_STRESS_SEED` repeats a run.
 #![cfg(feature = "jemalloc")]
 
+#[path = "support/rng.rs"]
+mod rng;
+
+use rng::Rng;
 use std::alloc::Layout;
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -260,7 +264,7 @@ fn worker(mut rng: Rng, ops: usize, inbox: Receiver<Block>, outboxes: Vec<Sender
             }
             0..=54 if !held.is_empty() => {
                 let i = rng.below(held.len());
-                let size = rng.crossing(held[i].len());
+                let size = crossing(&mut rng, held[i].len());
                 // In whichever component: a block keeps its owner.
                 scope.in_scope(|| held[i].resize(size));
             }
@@ -320,7 +324,7 @@ impl Drop for LastWork {
                 more.extend(Block::new(rng, scope));
             }
             for block in more.iter_mut().step_by(2) {
-                let size = rng.crossing(block.len());
+                let size = crossing(rng, block.len());
                 block.resize(size);
             }
             for _ in 0..4 {
@@ -455,7 +459,7 @@ fn brief_life(mut rng: Rng, given: Vec<Block>, mut last: Box<LastWork>, at: Last
         match rng.below(3) {
             0 => block.free(),
             1 => {
-                let size = rng.crossing(block.len());
+                let size = crossing(&mut rng, block.len());
                 pick(&mut rng).in_scope(|| block.resize(size));
                 kept.push(block);
             }
@@ -515,7 +519,7 @@ async fn task(mut rng: Rng, scope: Component, shared: Arc<Mutex<Vec<Block>>>) ->
         moved |= std::thread::current().id() != first_worker;
         if !held.is_empty() && rng.below(2) == 0 {
             let i = rng.below(held.len());
-            let size = rng.crossing(held[i].len());
+            let size = crossing(&mut rng, held[i].len());
             held[i].resize(size);
         }
         tokio::task::yield_now().await;
@@ -529,7 +533,7 @@ async fn task(mut rng: Rng, scope: Component, shared: Arc<Mutex<Vec<Block>>>) ->
         };
         if let Some(mut block) = theirs {
             if rng.below(3) == 0 {
-                let size = rng.crossing(block.len());
+                let size = crossing(&mut rng, block.len());
                 block.resize(size);
                 held.push(block);
             } else {
@@ -608,7 +612,7 @@ impl Block {
     /// A block of a random kind, size and alignment, made in the current component (which
     /// must be `owner`); `None` if the allocator refused (reported).
     fn new(rng: &mut Rng, owner: Component) -> Option<Block> {
-        let size = rng.size();
+        let size = rng.log_size(0, 16);
         let offset = rng.below(4096);
         let data = match rng.below(10) {
             0..=5 => {
@@ -773,49 +777,20 @@ impl Drop for Block {
     }
 }
 
-/// SplitMix64: one stream per thread or task, derived from the seed.
-struct Rng(u64);
-
-impl Rng {
-    fn stream(seed: u64, id: u64) -> Rng {
-        let mut rng = Rng(seed ^ id.wrapping_mul(0xd1b5_4a32_d192_ed03));
-        rng.next();
-        rng
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    /// 1 B to 64 KiB, log-uniform: as many small sizes as large ones.
-    fn size(&mut self) -> usize {
-        let bits = self.below(16);
-        (1usize << bits) + self.below(1 << bits)
-    }
-
-    /// A new size for a block of `len` bytes: a third of the time across the small/large
-    /// border, often right at it.
-    fn crossing(&mut self, len: usize) -> usize {
-        match (self.below(6), len <= SMALL_MAX) {
-            (0 | 1, true) => LARGE_MIN + self.below(MAX_SIZE - LARGE_MIN),
-            (0 | 1, false) => 1 + self.below(SMALL_MAX),
-            (2, _) => [
-                SMALL_MAX - 1,
-                SMALL_MAX,
-                SMALL_MAX + 1,
-                LARGE_MIN - 1,
-                LARGE_MIN,
-                LARGE_MIN + 1,
-            ][self.below(6)],
-            _ => self.size(),
-        }
+/// A new size for a block of `len` bytes: a third of the time across the small/large
+/// border, often right at it.
+fn crossing(rng: &mut Rng, len: usize) -> usize {
+    match (rng.below(6), len <= SMALL_MAX) {
+        (0 | 1, true) => LARGE_MIN + rng.below(MAX_SIZE - LARGE_MIN),
+        (0 | 1, false) => 1 + rng.below(SMALL_MAX),
+        (2, _) => [
+            SMALL_MAX - 1,
+            SMALL_MAX,
+            SMALL_MAX + 1,
+            LARGE_MIN - 1,
+            LARGE_MIN,
+            LARGE_MIN + 1,
+        ][rng.below(6)],
+        _ => rng.log_size(0, 16),
     }
 }

@@ -200,17 +200,7 @@ extern "C" fn decay_loop(_: *mut c_void) -> *mut c_void {
                 index => index - 1,
             };
             mib[1] = index as usize;
-            // SAFETY: "arena.<i>.decay" takes no value.
-            unsafe {
-                sys::mallctlbymib(
-                    mib.as_ptr(),
-                    mib.len(),
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                    0,
-                )
-            };
+            crate::source::jemalloc::run_mib(&mib);
         }
     }
 }

@@ -110,7 +110,13 @@ pub(crate) fn purge_arena(index: usize) -> bool {
         return false;
     }
     mib[1] = index;
-    // SAFETY: a valid 3-element MIB; purge takes and returns no value.
+    run_mib(&mib)
+}
+
+/// Runs a control that takes and returns no value (`arena.<i>.purge`, `arena.<i>.decay`)
+/// by its MIB; false if jemalloc refused.
+pub(crate) fn run_mib(mib: &[usize]) -> bool {
+    // SAFETY: a MIB resolved from a control name; these controls take and return no value.
     let rc = unsafe {
         tikv_jemalloc_sys::mallctlbymib(
             mib.as_ptr(),
