@@ -159,7 +159,10 @@ fn set_dirty_decay(index: c_uint) {
 /// How often the decay thread lets jemalloc decay the component arenas.
 const DECAY_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Whether the decay thread runs in this process (not inherited by a `fork` child).
+/// Whether the decay thread was started. A `fork` child inherits the flag but not the
+/// thread, and starts none: a thread of its own would keep a child whose last thread ends
+/// with `pthread_exit` alive. A child's component arenas decay as they are used, and when
+/// their last thread exits.
 static DECAYING: AtomicBool = AtomicBool::new(false);
 
 /// Starts the decay thread once: jemalloc decays an arena only as it is used (and purges
@@ -203,12 +206,6 @@ extern "C" fn decay_loop(_: *mut c_void) -> *mut c_void {
             crate::source::jemalloc::run_mib(&mib);
         }
     }
-}
-
-/// In a child after `fork`: the decay thread was not inherited; the next arena made starts
-/// one (see `create_arena`).
-extern "C" fn decay_thread_gone_in_child() {
-    DECAYING.store(false, Relaxed);
 }
 
 /// Whether jemalloc still serves this thread normally: false once it has cleaned up the
@@ -262,8 +259,6 @@ fn reserve() -> bool {
         RESERVATION.store(UNAVAILABLE, Release);
         return false;
     }
-    // SAFETY: registering a handler with no arguments that only stores to an atomic.
-    unsafe { libc::pthread_atfork(None, None, Some(decay_thread_gone_in_child)) };
     chunks::install(base, size);
     RESERVATION.store(READY, Release);
     true
