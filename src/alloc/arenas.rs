@@ -67,6 +67,14 @@ static HOOKS: [SlotHooks; SLOTS] = [const {
     }))
 }; SLOTS];
 
+/// `slot`'s arena index, if its arena exists.
+fn index_of(slot: usize) -> Option<u32> {
+    match ARENAS[slot].load(Acquire) {
+        0 | BUSY | FAILED => None,
+        index => Some(index - 1),
+    }
+}
+
 /// The `mallocx` flag naming `slot`'s arena (created on first use); `None` if the arena
 /// does not exist and cannot be created.
 #[inline]
@@ -129,11 +137,9 @@ pub(crate) fn user_left(slot: u8) {
     if USERS[usize::from(slot)].fetch_sub(1, Relaxed) != 1 {
         return;
     }
-    let index = match ARENAS[usize::from(slot)].load(Acquire) {
-        0 | BUSY | FAILED => return,
-        index => index - 1,
-    };
-    crate::source::jemalloc::purge_arena(index as usize);
+    if let Some(index) = index_of(usize::from(slot)) {
+        crate::source::jemalloc::purge_arena(index as usize);
+    }
 }
 
 /// How long a component arena keeps freed pages for reuse before they go back to the
@@ -197,11 +203,7 @@ extern "C" fn decay_loop(_: *mut c_void) -> *mut c_void {
     }
     loop {
         std::thread::sleep(DECAY_EVERY);
-        for arena in &ARENAS {
-            let index = match arena.load(Acquire) {
-                0 | BUSY | FAILED => continue,
-                index => index - 1,
-            };
+        for index in (0..SLOTS).filter_map(index_of) {
             mib[1] = index as usize;
             crate::source::jemalloc::run_mib(&mib);
         }
@@ -220,10 +222,7 @@ pub(crate) fn jemalloc_serves_thread() -> bool {
 
 /// How many component arenas exist.
 pub(crate) fn count() -> usize {
-    ARENAS
-        .iter()
-        .filter(|a| !matches!(a.load(Relaxed), 0 | BUSY | FAILED))
-        .count()
+    (0..SLOTS).filter_map(index_of).count()
 }
 
 /// Reserves the address space once; false if it is unavailable (or placement is turned

@@ -104,7 +104,7 @@ pub fn cached_bytes() -> u64 {
 }
 
 #[cfg(feature = "jemalloc")]
-pub use scheme::VARIABLE as SCHEME_VARIABLE;
+pub use scheme::{Scheme, VARIABLE as SCHEME_VARIABLE};
 
 /// Whether the [`TrackingAllocator`] is the global allocator (it has served an allocation).
 pub fn tracking_installed() -> bool {

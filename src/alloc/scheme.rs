@@ -11,8 +11,38 @@
 /// The environment variable that chooses the scheme: `tags` or `placement` (the default).
 pub const VARIABLE: &str = "MEMTEL_ALLOC_SCHEME";
 
-/// Whether the environment leaves placement on. Read with `getenv`, which does not
-/// allocate (this runs inside the allocator).
+/// The attribution scheme, as [`VARIABLE`] names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    /// Small allocations in their component's arena (the default).
+    Placement,
+    /// A tag byte after every allocation.
+    Tags,
+}
+
+impl Scheme {
+    /// The scheme a value of [`VARIABLE`] names (`tags` or `placement`, in any case);
+    /// `None` for anything else.
+    ///
+    /// ```
+    /// use memtel::alloc::Scheme;
+    /// assert_eq!(Scheme::parse(b"TAGS"), Some(Scheme::Tags));
+    /// assert_eq!(Scheme::parse(b"tag"), None);
+    /// ```
+    pub fn parse(value: &[u8]) -> Option<Scheme> {
+        if value.eq_ignore_ascii_case(b"tags") {
+            Some(Scheme::Tags)
+        } else if value.eq_ignore_ascii_case(b"placement") {
+            Some(Scheme::Placement)
+        } else {
+            None
+        }
+    }
+}
+
+/// Whether the environment leaves placement on: anything but `tags` does (the service
+/// refuses other values at start; the allocator cannot report them). Read with `getenv`,
+/// which does not allocate (this runs inside the allocator).
 pub(crate) fn placement_wanted() -> bool {
     // SAFETY: a NUL-terminated name; the value, if any, is a C string owned by the
     // environment, read before returning.
@@ -22,7 +52,7 @@ pub(crate) fn placement_wanted() -> bool {
     }
     // SAFETY: getenv returned a C string.
     let value = unsafe { std::ffi::CStr::from_ptr(value) };
-    !value.to_bytes().eq_ignore_ascii_case(b"tags")
+    Scheme::parse(value.to_bytes()) != Some(Scheme::Tags)
 }
 
 #[cfg(test)]

@@ -426,7 +426,7 @@ fn duration(from: &str, text: &str, min: Duration) -> Result<Duration, SettingsE
 fn check_alloc_scheme() -> Result<(), SettingsError> {
     let name = memtel::alloc::SCHEME_VARIABLE;
     match std::env::var(name) {
-        Ok(value) if !matches!(value.to_ascii_lowercase().as_str(), "tags" | "placement") => {
+        Ok(value) if memtel::alloc::Scheme::parse(value.as_bytes()).is_none() => {
             Err(invalid(name, &value, "expected tags or placement"))
         }
         _ => Ok(()),
