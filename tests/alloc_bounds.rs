@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use memtel::component;
 use serde_json::json;
-use versus_bare::{child, jemalloc_active, report, run_both, Runs};
+use versus_bare::{automatic_arenas_small_allocations, child, jemalloc_active, report, run_both, Runs};
 
 memtel_or_bare_allocator!();
 
@@ -248,6 +248,7 @@ fn idle_threads_in_64_components_hold_at_most_16_mib_more_than_bare_jemalloc() {
         std::thread::sleep(IDLE_FOR);
         let rss_idle = process::vm_rss();
         let cached_idle = memtel::alloc::cached_bytes();
+        let automatic_small = automatic_arenas_small_allocations();
         let not_back: Vec<String> = scopes
             .iter()
             .zip(&starts)
@@ -264,6 +265,7 @@ fn idle_threads_in_64_components_hold_at_most_16_mib_more_than_bare_jemalloc() {
             "rss_growth_idle": rss_idle.saturating_sub(baseline),
             "rss_growth_exited": rss_exited.saturating_sub(baseline),
             "cached_bytes_idle": cached_idle,
+            "automatic_arenas_small_allocations": automatic_small,
             "components_not_back": not_back,
         }));
         return;
@@ -289,6 +291,16 @@ fn idle_threads_in_64_components_hold_at_most_16_mib_more_than_bare_jemalloc() {
         both.memtel["components_not_back"],
         json!([]),
         "components whose live bytes did not return to their start with everything freed"
+    );
+    // Every burst allocation is placed, none tagged: jemalloc's own arenas served memtel only
+    // the lists' own records (one per thread and component, and a few of the test's).
+    // Threads that meet a component's arena being made wait for it rather than tag.
+    let (_, automatic_small) = both.get("automatic_arenas_small_allocations");
+    let lists = ((CACHED_THREADS + 1) * (CACHED_COMPONENTS + 2)) as f64;
+    assert!(
+        automatic_small <= lists,
+        "jemalloc's own arenas served {automatic_small} small allocations, more than the {lists} \
+         records of the threads' lists: burst allocations were tagged, not placed"
     );
     let (_, cached) = both.get("cached_bytes_idle");
     // Eight idle threads that each just freed into 64 components: their lists hold something.

@@ -18,7 +18,7 @@ use super::{arenas, bins, classes};
 ///   pages come from 2 MiB chunks of one reserved address range; a table records which
 ///   component owns each chunk, and a free finds the component from the address. Each
 ///   thread keeps short lists of free regions per component and size class (at most
-///   16 KiB or 4 regions per class, and 512 KiB in all per thread), so most allocations
+///   16 KiB or 8 regions per class, and 512 KiB in all per thread), so most allocations
 ///   and frees take a few loads and stores and never reach jemalloc; the lists go back to
 ///   jemalloc when the thread exits. An allocation takes exactly the size class jemalloc
 ///   alone would give it. The range is 64 GiB of address space (`PROT_NONE`, no memory),
@@ -246,18 +246,24 @@ impl<A: GlobalAlloc> TrackingAllocator<A> {
         let Some(class) = classes::class_of(size.max(align)) else {
             return dealloc_placed_slow(ptr, layout, slot);
         };
-        let done = counters::STATE.with(|s| {
+        let freed = counters::STATE.with(|s| {
             let Some(shard) = counters::owned_shard(s) else {
-                return false;
+                return bins::Freed::No;
             };
-            if !bins::push(s, slot, class, ptr) {
-                return false;
+            let freed = bins::push_or_pass(s, slot, class);
+            if !matches!(freed, bins::Freed::No) {
+                counters::record_free_owned(s, shard, slot, size);
+                if matches!(freed, bins::Freed::Kept) {
+                    bins::push_unchecked(s, slot, class, ptr);
+                }
             }
-            counters::record_free_owned(s, shard, slot, size);
-            true
+            freed
         });
-        if !done {
-            dealloc_placed_slow(ptr, layout, slot);
+        // Both calls in tail position, so this path needs no stack frame.
+        match freed {
+            bins::Freed::Kept => {}
+            bins::Freed::Passed => bins::release(ptr, class),
+            bins::Freed::No => dealloc_placed_slow(ptr, layout, slot),
         }
     }
 

@@ -137,7 +137,8 @@ pub(crate) extern "C" fn after_fork_in_child() {
 pub(crate) fn slot_of(ptr: *mut u8) -> Option<u8> {
     let offset = (ptr as usize).wrapping_sub(RESERVED.base.load(Relaxed));
     if offset < RESERVED.size.load(Relaxed) {
-        Some(CHUNK_SLOT[offset >> CHUNK_SHIFT].load(Relaxed))
+        // SAFETY: the reservation is at most the table's chunks long.
+        Some(unsafe { CHUNK_SLOT.get_unchecked(offset >> CHUNK_SHIFT) }.load(Relaxed))
     } else {
         None
     }

@@ -226,6 +226,21 @@ fn parse(test: &str, allocator: &str, out: &Output) -> Value {
 }
 
 /// jemalloc's `stats.active` after advancing its epoch: bytes in pages of active extents.
+/// Small allocations jemalloc's own (automatic) arenas have served, by jemalloc's counters:
+/// where memtel's tagged small allocations go, so a measure of how many were not placed.
+pub fn automatic_arenas_small_allocations() -> u64 {
+    use tikv_jemalloc_ctl::raw;
+    tikv_jemalloc_ctl::epoch::advance().expect("epoch");
+    // SAFETY: "opt.narenas" reads as an unsigned, each arena's count as a u64.
+    let automatic = unsafe { raw::read::<u32>(b"opt.narenas\0") }.expect("opt.narenas");
+    (0..automatic)
+        .map(|i| {
+            let name = format!("stats.arenas.{i}.small.nmalloc\0");
+            unsafe { raw::read::<u64>(name.as_bytes()) }.expect("stats.arenas.<i>.small.nmalloc")
+        })
+        .sum()
+}
+
 pub fn jemalloc_active() -> u64 {
     tikv_jemalloc_ctl::epoch::advance().expect("epoch");
     tikv_jemalloc_ctl::stats::active::read().expect("stats.active") as u64
