@@ -32,4 +32,7 @@ pub enum Error {
         /// The bound.
         max: usize,
     },
+    /// A history configuration that cannot work (see [`History::new`](crate::history::History::new)).
+    #[error("invalid history: {0}")]
+    InvalidHistory(String),
 }

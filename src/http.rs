@@ -41,12 +41,23 @@ const MIB: f64 = 1_048_576.0;
 /// # }
 /// ```
 pub fn router(monitor: MemoryMonitor) -> Router {
+    let history = Router::new()
+        .route(
+            crate::history::HISTORY_PATH,
+            get(crate::history::history_route).fallback(method_not_allowed),
+        )
+        .route(
+            crate::history::TRENDS_PATH,
+            get(crate::history::trends_route).fallback(method_not_allowed),
+        )
+        .with_state(monitor.clone());
     Router::new()
         .route(PROFILE_PATH, get(profile).fallback(method_not_allowed))
         .with_state(Arc::new(Rendered {
             monitor,
             latest: Mutex::new(None),
         }))
+        .merge(history)
 }
 
 /// The monitor and the document rendered for its latest snapshot: requests that
@@ -88,11 +99,11 @@ async fn profile(State(rendered): State<Arc<Rendered>>) -> Response {
         .into_response()
 }
 
-async fn method_not_allowed() -> Response {
+async fn method_not_allowed(uri: axum::http::Uri) -> Response {
     let mut response = (
         StatusCode::METHOD_NOT_ALLOWED,
         Json(ErrorBody {
-            error: format!("method not allowed on {PROFILE_PATH}: use GET"),
+            error: format!("method not allowed on {}: use GET", uri.path()),
         }),
     )
         .into_response();

@@ -43,6 +43,7 @@
 
 pub mod alloc;
 mod error;
+pub mod history;
 #[cfg(feature = "manager")]
 mod manager;
 mod monitor;
@@ -57,6 +58,7 @@ mod http;
 pub use alloc::ComponentLayer;
 pub use alloc::{component, current_component, Component, InComponent};
 pub use error::Error;
+pub use history::{History, HistoryConfig};
 #[cfg(feature = "manager")]
 pub use manager::{MemoryManager, Plan};
 pub use monitor::{MemoryMonitor, MemoryMonitorBuilder, MAX_COMPONENTS, OTHER_COMPONENT};

@@ -52,9 +52,17 @@ fn main() -> ExitCode {
     };
     diagnostics::init(pipeline.tracer());
 
+    let history = match memtel::History::new(settings.history) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("memtel: {e} (--history-interval / --history-retention)");
+            return ExitCode::from(2);
+        }
+    };
     let mut builder = MemoryMonitor::builder()
         .thresholds(settings.thresholds)
-        .hysteresis(settings.hysteresis);
+        .hysteresis(settings.hysteresis)
+        .history(history.clone());
     if let Some(bytes) = settings.limit_bytes {
         builder = builder.limit_bytes(bytes);
     }
@@ -72,9 +80,10 @@ fn main() -> ExitCode {
         manager = manager.gc_trigger_bytes(bytes);
     }
     if settings.demo {
-        manager = demo::start(manager);
+        manager = demo::start(manager, settings.demo_leak_mb_per_min);
     }
     manager.spawn();
+    history.spawn_recorder(monitor.clone());
     let limit = monitor.limit();
     tracing::info!(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -82,6 +91,8 @@ fn main() -> ExitCode {
         limit_source = limit.map(|l| l.source.as_str()),
         jemalloc = monitor.jemalloc_available(),
         demo = settings.demo,
+        demo_leak_mb_per_min = settings.demo_leak_mb_per_min,
+        history_interval_ms = settings.history.interval.as_millis() as u64,
         "memtel serving {}",
         memtel::PROFILE_PATH
     );

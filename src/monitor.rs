@@ -74,6 +74,7 @@ struct Inner {
     components: RwLock<Vec<Component>>,
     cache_window: Duration,
     latest: Mutex<Option<(Instant, Arc<Snapshot>)>>,
+    history: Option<crate::History>,
 }
 
 impl std::fmt::Debug for MemoryMonitor {
@@ -179,6 +180,11 @@ impl MemoryMonitor {
         self.inner.thresholds
     }
 
+    /// The history this monitor was built with ([`MemoryMonitorBuilder::history`]).
+    pub fn history(&self) -> Option<&crate::History> {
+        self.inner.history.as_ref()
+    }
+
     /// Whether jemalloc is the global allocator and its stats are available.
     pub fn jemalloc_available(&self) -> bool {
         #[cfg(feature = "jemalloc")]
@@ -248,6 +254,7 @@ impl MemoryMonitor {
             pressure: self.level(utilization(rss, kernel.limit), &kernel, rss),
             actions: inner.actions.read(),
             kernel: kernel.signals,
+            trends: inner.history.as_ref().and_then(crate::History::latest_trends),
         }
     }
 
@@ -472,6 +479,7 @@ pub struct MemoryMonitorBuilder {
     cache_window: Duration,
     jemalloc_max_age: Duration,
     kernel_max_age: Duration,
+    history: Option<crate::History>,
 }
 
 impl Default for MemoryMonitorBuilder {
@@ -484,6 +492,7 @@ impl Default for MemoryMonitorBuilder {
             cache_window: Duration::from_millis(5),
             jemalloc_max_age: Duration::from_millis(100),
             kernel_max_age: Duration::from_secs(1),
+            history: None,
         }
     }
 }
@@ -551,6 +560,17 @@ impl MemoryMonitorBuilder {
 
     /// Opens the sources and detects the limit. Never fails: what cannot be read is
     /// `None` in every snapshot.
+    /// Keeps `history` with the monitor: the history routes of
+    /// [`router`](crate::router) serve it, the trend metrics read it, and every snapshot
+    /// carries its latest trends. Recording is the history's own
+    /// ([`History::record`](crate::History::record), or
+    /// [`History::spawn_recorder`](crate::History::spawn_recorder)).
+    pub fn history(mut self, history: crate::History) -> Self {
+        self.history = Some(history);
+        self
+    }
+
+    /// Builds the monitor.
     pub fn build(self) -> MemoryMonitor {
         let cgroup = limit::discover_live();
         let kernel = limit::read_live(cgroup.as_ref(), self.limit_bytes);
@@ -573,6 +593,7 @@ impl MemoryMonitorBuilder {
                 components: RwLock::new(Vec::new()),
                 cache_window: self.cache_window,
                 latest: Mutex::new(None),
+                history: self.history,
             }),
         }
     }

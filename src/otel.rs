@@ -428,4 +428,58 @@ pub const METRICS: &[MetricDef] = &[
             }
         },
     },
+    MetricDef {
+        name: "memtel.memory.growth_rate",
+        instrument: Instrument::GaugeF64,
+        unit: "By/s",
+        description: "The growth rate of resident memory's floor over the history's trend window (Theil-Sen slope).",
+        attributes: &[],
+        observe: |s, emit| {
+            if let Some(t) = &s.trends {
+                emit(Num::F(t.growth.rate_bytes_per_sec), &[]);
+            }
+        },
+    },
+    MetricDef {
+        name: "memtel.memory.time_to_limit",
+        instrument: Instrument::GaugeF64,
+        unit: "s",
+        description: "At the current growth rate, the time until resident memory reaches the limit; observed only while it grows toward one.",
+        attributes: &[],
+        observe: |s, emit| {
+            if let Some(ttl) = s.trends.as_ref().and_then(|t| t.time_to_limit) {
+                emit(Num::F(ttl.as_secs_f64()), &[]);
+            }
+        },
+    },
+    MetricDef {
+        name: "memtel.component.growth_rate",
+        instrument: Instrument::GaugeF64,
+        unit: "By/s",
+        description: "The growth rate of each component's floor over the history's trend window (Theil-Sen slope).",
+        attributes: &["memtel.component"],
+        observe: |s, emit| {
+            for c in s.trends.iter().flat_map(|t| &t.components) {
+                emit(
+                    Num::F(c.growth.rate_bytes_per_sec),
+                    &[KeyValue::new("memtel.component", Value::from(c.name.clone()))],
+                );
+            }
+        },
+    },
+    MetricDef {
+        name: "memtel.component.leak_suspected",
+        instrument: Instrument::GaugeI64,
+        unit: "1",
+        description: "1 while a component's floor shows sustained growth (a suspected leak), else 0.",
+        attributes: &["memtel.component"],
+        observe: |s, emit| {
+            for c in s.trends.iter().flat_map(|t| &t.components) {
+                emit(
+                    Num::U(u64::from(c.leak_suspected())),
+                    &[KeyValue::new("memtel.component", Value::from(c.name.clone()))],
+                );
+            }
+        },
+    },
 ];

@@ -80,6 +80,9 @@ pub struct Snapshot {
     pub kernel: Arc<KernelSignals>,
     /// What a [`MemoryManager`](crate::MemoryManager) has done.
     pub actions: Actions,
+    /// The monitor's history's trends as of its last judgement, when it has a history
+    /// ([`History::refresh`](crate::History::refresh)).
+    pub trends: Option<Arc<crate::history::Trends>>,
 }
 
 /// The kernel's pressure signals, where the system provides them.

@@ -57,13 +57,16 @@ const RHYTHMS: [Rhythm; 4] = [
 ];
 
 /// Spawns the four components' tasks on the current runtime and registers the
-/// cache's cleanup hook on `manager`.
-pub(crate) fn start(manager: MemoryManager) -> MemoryManager {
+/// cache's cleanup hook on `manager`. With `leak_mb_per_min` above 0 the cache also keeps
+/// that many MB per minute that it never evicts (and its hook never clears): a leak.
+pub(crate) fn start(manager: MemoryManager, leak_mb_per_min: f64) -> MemoryManager {
     let cache: Cache = Arc::default();
     for rhythm in RHYTHMS {
         match rhythm.name {
             "extraction" | "browser" => tokio::spawn(run_in_spans(rhythm)),
-            "cache" => tokio::spawn(run_cache(rhythm, Arc::clone(&cache)).in_component(memtel::component("cache"))),
+            "cache" => tokio::spawn(
+                run_cache(rhythm, Arc::clone(&cache), leak_mb_per_min).in_component(memtel::component("cache")),
+            ),
             name => tokio::spawn(run(rhythm).in_component(memtel::component(name))),
         };
     }
@@ -78,14 +81,30 @@ pub(crate) fn start(manager: MemoryManager) -> MemoryManager {
 
 type Cache = Arc<Mutex<VecDeque<Vec<u8>>>>;
 
-/// The cache's loop: the same rhythm, on the shared entries the hook can clear.
-async fn run_cache(rhythm: Rhythm, cache: Cache) {
+/// The cache's loop: the same rhythm, on the shared entries the hook can clear; and the
+/// leak, entries kept apart that nothing ever frees.
+async fn run_cache(rhythm: Rhythm, cache: Cache, leak_mb_per_min: f64) {
     let mut tick = tokio::time::interval(rhythm.period);
     let mut fill = 1u8;
+    let mut leaked: Vec<Vec<u8>> = Vec::new();
+    let leak_per_tick = leak_mb_per_min * 1_048_576.0 / 60.0 * rhythm.period.as_secs_f64();
+    let started = tokio::time::Instant::now();
+    let mut leaked_bytes = 0f64;
     loop {
         tick.tick().await;
-        let mut entries = cache.lock().unwrap_or_else(|p| p.into_inner());
-        step(&rhythm, &mut entries, &mut fill);
+        {
+            let mut entries = cache.lock().unwrap_or_else(|p| p.into_inner());
+            step(&rhythm, &mut entries, &mut fill);
+        }
+        if leak_per_tick > 0.0 {
+            // By elapsed time, not ticks: a late tick leaks what was due.
+            let due = leak_mb_per_min * 1_048_576.0 / 60.0 * started.elapsed().as_secs_f64();
+            let more = (due - leaked_bytes).max(0.0) as usize;
+            if more > 0 {
+                leaked.push(vec![fill; more]);
+                leaked_bytes += more as f64;
+            }
+        }
     }
 }
 

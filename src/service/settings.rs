@@ -93,6 +93,24 @@ struct Cli {
         allow_negative_numbers = true
     )]
     psi_full_escalation: Option<String>,
+    /// Time between two history samples, e.g. 10s, 100ms [default: 10s].
+    #[arg(long, env = "MEMTEL_HISTORY_INTERVAL", value_name = "DURATION")]
+    history_interval: Option<String>,
+    /// How long the history keeps samples (older ones as min/mean/max aggregates) [default: 24h].
+    #[arg(long, env = "MEMTEL_HISTORY_RETENTION", value_name = "DURATION")]
+    history_retention: Option<String>,
+    /// Least growth of a component's floor called a leak, MB per hour [default: 1].
+    #[arg(long, env = "MEMTEL_LEAK_MIN_RATE_MB_PER_HOUR", value_name = "MB")]
+    leak_min_rate_mb_per_hour: Option<String>,
+    /// Samples a window needs before a leak is suspected [default: 60].
+    #[arg(long, env = "MEMTEL_LEAK_MIN_SAMPLES", value_name = "N")]
+    leak_min_samples: Option<String>,
+    /// Mann-Kendall Z a rising floor must reach to be called a leak [default: 2.33, 99% one-sided].
+    #[arg(long, env = "MEMTEL_LEAK_CONFIDENCE_Z", value_name = "Z")]
+    leak_confidence_z: Option<String>,
+    /// Make the demo's cache keep this many MB per minute that it never evicts (a leak to find) [default: 0].
+    #[arg(long, env = "MEMTEL_DEMO_LEAK_MB_PER_MIN", value_name = "MB")]
+    demo_leak_mb_per_min: Option<String>,
     /// Run the demo workload [default; env MEMTEL_DEMO=true|false].
     #[arg(long, overrides_with = "no_demo")]
     demo: bool,
@@ -113,6 +131,8 @@ pub(crate) struct Settings {
     pub(crate) cooldown: Duration,
     pub(crate) hysteresis: f64,
     pub(crate) psi_full_escalation: Option<f64>,
+    pub(crate) history: memtel::HistoryConfig,
+    pub(crate) demo_leak_mb_per_min: f64,
 }
 
 /// An invalid setting: the message names it, and the binary exits with status 2.
@@ -128,6 +148,8 @@ struct FileSettings {
     server: ServerSection,
     #[serde(default)]
     memory: MemorySection,
+    #[serde(default)]
+    history: HistorySection,
     #[serde(default)]
     demo: DemoSection,
 }
@@ -153,8 +175,19 @@ struct MemorySection {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct HistorySection {
+    interval: Option<Scalar>,
+    retention: Option<Scalar>,
+    leak_min_rate_mb_per_hour: Option<Scalar>,
+    leak_min_samples: Option<Scalar>,
+    leak_confidence_z: Option<Scalar>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct DemoSection {
     enabled: Option<Scalar>,
+    leak_mb_per_min: Option<Scalar>,
 }
 
 /// A YAML scalar kept as text, so YAML values go through the same parsers (and the
@@ -237,6 +270,42 @@ const PSI_ESCALATION: Names = Names {
     flag: "--psi-full-escalation",
     env: "MEMTEL_PSI_FULL_ESCALATION",
     yaml: "memory.psi_full_escalation",
+};
+const HISTORY_INTERVAL: Names = Names {
+    id: "history_interval",
+    flag: "--history-interval",
+    env: "MEMTEL_HISTORY_INTERVAL",
+    yaml: "history.interval",
+};
+const HISTORY_RETENTION: Names = Names {
+    id: "history_retention",
+    flag: "--history-retention",
+    env: "MEMTEL_HISTORY_RETENTION",
+    yaml: "history.retention",
+};
+const LEAK_MIN_RATE: Names = Names {
+    id: "leak_min_rate_mb_per_hour",
+    flag: "--leak-min-rate-mb-per-hour",
+    env: "MEMTEL_LEAK_MIN_RATE_MB_PER_HOUR",
+    yaml: "history.leak_min_rate_mb_per_hour",
+};
+const LEAK_MIN_SAMPLES: Names = Names {
+    id: "leak_min_samples",
+    flag: "--leak-min-samples",
+    env: "MEMTEL_LEAK_MIN_SAMPLES",
+    yaml: "history.leak_min_samples",
+};
+const LEAK_CONFIDENCE_Z: Names = Names {
+    id: "leak_confidence_z",
+    flag: "--leak-confidence-z",
+    env: "MEMTEL_LEAK_CONFIDENCE_Z",
+    yaml: "history.leak_confidence_z",
+};
+const DEMO_LEAK: Names = Names {
+    id: "demo_leak_mb_per_min",
+    flag: "--demo-leak-mb-per-min",
+    env: "MEMTEL_DEMO_LEAK_MB_PER_MIN",
+    yaml: "demo.leak_mb_per_min",
 };
 const DEMO: Names = Names {
     id: "demo",
@@ -366,7 +435,15 @@ impl Settings {
             }
         };
 
+        let history = history_config(&resolve, &cli, &file)?;
+        let demo_leak_mb_per_min = resolve(&DEMO_LEAK, &cli.demo_leak_mb_per_min, &file.demo.leak_mb_per_min)
+            .map(|(from, text)| non_negative(from, &text))
+            .transpose()?
+            .unwrap_or(0.0);
+
         Ok(Settings {
+            history,
+            demo_leak_mb_per_min,
             listen,
             limit_bytes,
             thresholds,
@@ -378,6 +455,81 @@ impl Settings {
             psi_full_escalation,
         })
     }
+}
+
+/// The history's settings: interval and retention, and the leak detection thresholds.
+fn history_config(
+    resolve: &dyn Fn(&Names, &Option<String>, &Option<Scalar>) -> Option<(&'static str, String)>,
+    cli: &Cli,
+    file: &FileSettings,
+) -> Result<memtel::HistoryConfig, SettingsError> {
+    let interval = resolve(&HISTORY_INTERVAL, &cli.history_interval, &file.history.interval)
+        .map(|(from, text)| duration(from, &text, Duration::from_millis(10)))
+        .transpose()?;
+    let retention = resolve(&HISTORY_RETENTION, &cli.history_retention, &file.history.retention)
+        .map(|(from, text)| Ok::<_, SettingsError>((from, duration(from, &text, Duration::from_millis(10))?, text)))
+        .transpose()?;
+    let mut config = memtel::HistoryConfig::default();
+    if let Some(interval) = interval {
+        config = config.interval(interval);
+    }
+    if let Some((from, retention, text)) = retention {
+        if retention < config.trend_window {
+            return Err(invalid(
+                from,
+                &text,
+                &format!(
+                    "expected at least the trend window, 360 history intervals ({:?})",
+                    config.trend_window
+                ),
+            ));
+        }
+        config = config.retention(retention);
+    }
+    let mut rules = config.leak;
+    if let Some((from, text)) = resolve(
+        &LEAK_MIN_RATE,
+        &cli.leak_min_rate_mb_per_hour,
+        &file.history.leak_min_rate_mb_per_hour,
+    ) {
+        rules.min_rate_bytes_per_sec = non_negative(from, &text)? * 1_048_576.0 / 3600.0;
+    }
+    if let Some((from, text)) = resolve(&LEAK_MIN_SAMPLES, &cli.leak_min_samples, &file.history.leak_min_samples) {
+        rules.min_samples = text
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n >= 3)
+            .ok_or_else(|| invalid(from, &text, "expected a whole number of samples, at least 3"))?;
+    }
+    if let Some((from, text)) = resolve(
+        &LEAK_CONFIDENCE_Z,
+        &cli.leak_confidence_z,
+        &file.history.leak_confidence_z,
+    ) {
+        rules.confidence_z = text
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|z| z.is_finite() && *z > 0.0)
+            .ok_or_else(|| {
+                invalid(
+                    from,
+                    &text,
+                    "expected a positive number, such as 2.33 (99 %) or 1.64 (95 %)",
+                )
+            })?;
+    }
+    Ok(config.leak_detection(rules))
+}
+
+/// A finite number of at least 0.
+fn non_negative(from: &str, text: &str) -> Result<f64, SettingsError> {
+    text.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .ok_or_else(|| invalid(from, text, "expected a number of at least 0"))
 }
 
 /// The text of a setting and the name of where it came from.

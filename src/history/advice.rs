@@ -1,0 +1,96 @@
+//! Recommendations drawn from measured facts only; each names the figure behind it.
+
+use crate::snapshot::Snapshot;
+
+use super::Trends;
+
+const MIB: f64 = 1_048_576.0;
+
+/// jemalloc holding this much resident memory beyond what is allocated and active...
+const HELD_MIN_BYTES: u64 = 64 << 20;
+/// ... and this fraction of what is allocated, is worth a purge.
+const HELD_MIN_FRACTION: f64 = 0.25;
+/// Pressure episodes in a window worth a word.
+const EPISODES_MIN: u32 = 3;
+/// A cleanup run that frees less than this on average freed little.
+const CLEANUP_LITTLE_BYTES: f64 = 1_048_576.0;
+
+fn mb(bytes: f64) -> String {
+    format!("{:.1} MB", bytes / MIB)
+}
+
+fn hours(secs: f64) -> String {
+    if secs < 3600.0 {
+        format!("{:.0} min", secs / 60.0)
+    } else {
+        format!("{:.1} h", secs / 3600.0)
+    }
+}
+
+/// The recommendations for `trends` and the current snapshot `snap`.
+pub(crate) fn recommendations(trends: &Trends, snap: &Snapshot) -> Vec<String> {
+    let mut out = Vec::new();
+    let window = hours(trends.window.as_secs_f64());
+    let to_limit = |rate: f64| -> Option<String> {
+        let (usage, limit) = (trends.usage_bytes?, trends.limit_bytes?);
+        (rate > 0.0).then(|| hours(limit.saturating_sub(usage) as f64 / rate))
+    };
+    for c in trends.components.iter().filter(|c| c.leak_suspected()) {
+        let rate = c.growth.rate_bytes_per_sec;
+        let limit = to_limit(rate).map_or(String::new(), |t| {
+            format!(
+                ", which alone would reach the limit ({}) in {t}",
+                mb(trends.limit_bytes.unwrap_or(0) as f64)
+            )
+        });
+        out.push(format!(
+            "Component `{}` is suspected of leaking: its floor grew {}/h over the last {window} (Mann-Kendall Z {:.1}, now {}){limit}. Look for what it keeps and never evicts.",
+            c.name,
+            mb(rate * 3600.0),
+            c.growth.z,
+            mb(c.bytes.unwrap_or(0) as f64),
+        ));
+    }
+    if let Some(ttl) = trends.time_to_limit.filter(|d| d.as_secs_f64() < 24.0 * 3600.0) {
+        out.push(format!(
+            "At the current growth of resident memory ({}/h over the last {window}) the limit of {} is reached in {}: less than a day.",
+            mb(trends.growth.rate_bytes_per_sec * 3600.0),
+            mb(trends.limit_bytes.unwrap_or(0) as f64),
+            hours(ttl.as_secs_f64()),
+        ));
+    }
+    if let Some(j) = snap.jemalloc {
+        let held = j.resident.saturating_sub(j.active).saturating_sub(j.metadata);
+        if held >= HELD_MIN_BYTES && held as f64 >= HELD_MIN_FRACTION * j.allocated as f64 {
+            out.push(format!(
+                "jemalloc holds {} of freed pages (resident {} − active {} − metadata {}) against {} allocated: a purge (memtel::purge_jemalloc, or the GC trigger) would return about {} to the kernel.",
+                mb(held as f64),
+                mb(j.resident as f64),
+                mb(j.active as f64),
+                mb(j.metadata as f64),
+                mb(j.allocated as f64),
+                mb(held as f64),
+            ));
+        }
+    }
+    if trends.pressure_episodes >= EPISODES_MIN {
+        out.push(format!(
+            "Memory pressure rose above normal {} times in the last {window} (peak RSS {} of the {} limit): raise the limit or shrink what the components keep.",
+            trends.pressure_episodes,
+            mb(trends.peak_bytes.unwrap_or(0) as f64),
+            mb(trends.limit_bytes.unwrap_or(0) as f64),
+        ));
+    }
+    let runs = snap.actions.cleanup_runs;
+    if runs > 0 {
+        let per_run = snap.actions.cleanup_freed_bytes as f64 / runs as f64;
+        if per_run < CLEANUP_LITTLE_BYTES {
+            out.push(format!(
+                "Cleanup hooks ran {runs} times and freed {} in all ({} per run): they release little; register hooks that drop what the growing components keep.",
+                mb(snap.actions.cleanup_freed_bytes as f64),
+                mb(per_run),
+            ));
+        }
+    }
+    out
+}
