@@ -81,6 +81,22 @@ const CONTRACT: &[(&str, &str, &str, &[&str], When)] = &[
         &["memtel.cgroup.event"],
         When::Cgroup,
     ),
+    ("memtel.memory.growth_rate", "gauge_double", "By/s", &[], When::History),
+    ("memtel.memory.time_to_limit", "gauge_double", "s", &[], When::History),
+    (
+        "memtel.component.growth_rate",
+        "gauge_double",
+        "By/s",
+        &["memtel.component"],
+        When::History,
+    ),
+    (
+        "memtel.component.leak_suspected",
+        "gauge_int",
+        "1",
+        &["memtel.component"],
+        When::History,
+    ),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -92,13 +108,16 @@ enum When {
     Psi,
     /// Where the process's memory cgroup has event files.
     Cgroup,
+    /// Only from a monitor with a history (none here: tests/history_service.rs checks
+    /// them as the service exports them).
+    History,
 }
 
 /// Whether this machine provides a conditional metric's source, read independently.
 fn provided(when: When) -> bool {
     match when {
         When::Always => true,
-        When::Tracking => false,
+        When::Tracking | When::History => false,
         When::Psi => std::fs::read_to_string("/proc/pressure/memory").is_ok_and(|t| t.starts_with("some ")),
         When::Cgroup => {
             let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
