@@ -50,7 +50,13 @@ const NAMES: &[(&str, &str)] = &[
     ("memtel_cleanup_freed_bytes_total", "counter"),
     ("memtel_gc_runs_total", "counter"),
     ("memtel_gc_freed_bytes_total", "counter"),
+    // The history's trends (the service keeps a history).
+    ("memtel_memory_growth_rate_bytes_per_second", "gauge"),
+    ("memtel_component_growth_rate_bytes_per_second", "gauge"),
+    ("memtel_component_leak_suspected_ratio", "gauge"),
 ];
+/// Present only while resident memory grows toward the limit.
+const WHILE_GROWING: &[(&str, &str)] = &[("memtel_memory_time_to_limit_seconds", "gauge")];
 /// Present exactly when the JSON has `kernel.psi`.
 const PSI_NAMES: &[(&str, &str)] = &[
     ("memtel_psi_stall_time_seconds_total", "counter"),
@@ -179,6 +185,11 @@ fn check_names_and_labels(exposition: &Exposition, leg: &Leg, json: &Json) {
         .is_some_and(|e| e.as_object().is_some_and(|o| !o.is_empty()))
     {
         expected.extend(CGROUP_NAMES.iter().copied());
+    }
+    for (name, kind) in WHILE_GROWING {
+        if names.contains(name) {
+            expected.insert(name, kind);
+        }
     }
     let expected_names: BTreeSet<&str> = expected.keys().copied().collect();
     assert_eq!(
