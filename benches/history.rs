@@ -53,7 +53,12 @@ fn history(c: &mut Criterion) {
     drop(second);
 
     let samples = history.samples(Duration::from_secs(24 * 3600), None).expect("24 h");
-    let body = serde_json::to_vec(&HistoryDocument::new(&history, Duration::from_secs(24 * 3600), &samples)).unwrap();
+    let body = serde_json::to_vec(&HistoryDocument::new(
+        &history,
+        Duration::from_secs(24 * 3600),
+        &samples,
+    ))
+    .unwrap();
     let trends = history.trends(Duration::from_secs(3600)).expect("1 h");
     let trends_body = serde_json::to_vec(&TrendsDocument::new(&trends, &monitor.snapshot())).unwrap();
     println!(

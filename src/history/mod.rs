@@ -24,6 +24,7 @@
 //!
 //! With the `manager` feature, [`History::spawn_recorder`] records on a Tokio interval.
 
+#[cfg(feature = "http")]
 mod advice;
 pub mod leak;
 pub mod stats;
@@ -162,6 +163,9 @@ pub enum QueryError {
     Step(String),
 }
 
+/// The trends as of the latest judgement, and the components suspected then.
+type Latest = (Option<Arc<Trends>>, Vec<Arc<str>>);
+
 /// The recorded history of one monitor; cheap to clone (shared).
 #[derive(Clone)]
 pub struct History {
@@ -173,7 +177,7 @@ struct Inner {
     store: RwLock<store::Store>,
     /// The trends over the default window as of the latest sample, and the components
     /// suspected then (for the events on change).
-    latest: Mutex<(Option<Arc<Trends>>, Vec<Arc<str>>)>,
+    latest: Mutex<Latest>,
 }
 
 impl std::fmt::Debug for History {
@@ -370,9 +374,9 @@ impl History {
 /// A duration as seconds, minutes or hours, for messages.
 fn humantime_like(d: Duration) -> String {
     let s = d.as_secs();
-    if s >= 3600 && s % 3600 == 0 {
+    if s >= 3600 && s.is_multiple_of(3600) {
         format!("{}h", s / 3600)
-    } else if s >= 60 && s % 60 == 0 {
+    } else if s >= 60 && s.is_multiple_of(60) {
         format!("{}m", s / 60)
     } else {
         format!("{}s", d.as_secs_f64())

@@ -209,22 +209,19 @@ fn bad_request(message: String) -> Response {
     (StatusCode::BAD_REQUEST, Json(ErrorBody { error: message })).into_response()
 }
 
-/// Reads a duration parameter (`90s`, `15m`, `1h`, `1h30m`).
-fn duration_param(params: &HashMap<String, String>, name: &str) -> Result<Option<Duration>, Response> {
+/// Reads a duration parameter (`90s`, `15m`, `1h`, `1h30m`); the error names it.
+fn duration_param(params: &HashMap<String, String>, name: &str) -> Result<Option<Duration>, String> {
     let Some(text) = params.get(name) else {
         return Ok(None);
     };
     humantime::parse_duration(text.trim())
         .map(Some)
-        .map_err(|e| bad_request(format!("{name}: {text:?} is not a duration like 90s, 15m or 1h ({e})")))
+        .map_err(|e| format!("{name}: {text:?} is not a duration like 90s, 15m or 1h ({e})"))
 }
 
-fn check_known(params: &HashMap<String, String>, known: &[&str]) -> Result<(), Response> {
+fn check_known(params: &HashMap<String, String>, known: &[&str]) -> Result<(), String> {
     match params.keys().find(|k| !known.contains(&k.as_str())) {
-        Some(unknown) => Err(bad_request(format!(
-            "{unknown}: unknown parameter (expected {})",
-            known.join(", ")
-        ))),
+        Some(unknown) => Err(format!("{unknown}: unknown parameter (expected {})", known.join(", "))),
         None => Ok(()),
     }
 }
@@ -252,12 +249,12 @@ pub(crate) async fn history(
     let Some(history) = monitor.history() else {
         return no_history();
     };
-    if let Err(r) = check_known(&params, &["window", "step"]) {
-        return r;
+    if let Err(e) = check_known(&params, &["window", "step"]) {
+        return bad_request(e);
     }
     let (window, step) = match (duration_param(&params, "window"), duration_param(&params, "step")) {
         (Ok(w), Ok(s)) => (w.unwrap_or(history.config().trend_window), s),
-        (Err(r), _) | (_, Err(r)) => return r,
+        (Err(e), _) | (_, Err(e)) => return bad_request(e),
     };
     match history.samples(window, step) {
         Ok(samples) => Json(HistoryDocument::new(history, window, &samples)).into_response(),
@@ -273,12 +270,12 @@ pub(crate) async fn trends(
     let Some(history) = monitor.history() else {
         return no_history();
     };
-    if let Err(r) = check_known(&params, &["window"]) {
-        return r;
+    if let Err(e) = check_known(&params, &["window"]) {
+        return bad_request(e);
     }
     let window = match duration_param(&params, "window") {
         Ok(w) => w.unwrap_or(history.config().trend_window),
-        Err(r) => return r,
+        Err(e) => return bad_request(e),
     };
     match history.trends(window) {
         Ok(t) => Json(TrendsDocument::new(&t, &monitor.snapshot())).into_response(),

@@ -457,9 +457,12 @@ impl Settings {
     }
 }
 
+/// Resolves one setting: its text and where it came from (see [`resolve`]).
+type Resolve<'a> = dyn Fn(&Names, &Option<String>, &Option<Scalar>) -> Option<(&'static str, String)> + 'a;
+
 /// The history's settings: interval and retention, and the leak detection thresholds.
 fn history_config(
-    resolve: &dyn Fn(&Names, &Option<String>, &Option<Scalar>) -> Option<(&'static str, String)>,
+    resolve: &Resolve<'_>,
     cli: &Cli,
     file: &FileSettings,
 ) -> Result<memtel::HistoryConfig, SettingsError> {
