@@ -37,6 +37,41 @@ struct BadCase {
 
 const BAD: &[BadCase] = &[
     BadCase {
+        what: "--history-interval never",
+        args: &["--history-interval", "never"],
+        env: &[],
+        yaml: None,
+        names: &["--history-interval"],
+    },
+    BadCase {
+        what: "MEMTEL_HISTORY_RETENTION=1m (shorter than the trend window)",
+        args: &[],
+        env: &[("MEMTEL_HISTORY_RETENTION", "1m")],
+        yaml: None,
+        names: &["MEMTEL_HISTORY_RETENTION"],
+    },
+    BadCase {
+        what: "history.leak_min_samples: 2",
+        args: &[],
+        env: &[],
+        yaml: Some("history:\n  leak_min_samples: 2\n"),
+        names: &["history.leak_min_samples"],
+    },
+    BadCase {
+        what: "--leak-confidence-z -1",
+        args: &["--leak-confidence-z=-1"],
+        env: &[],
+        yaml: None,
+        names: &["--leak-confidence-z"],
+    },
+    BadCase {
+        what: "--demo-leak-mb-per-min lots",
+        args: &["--demo-leak-mb-per-min", "lots"],
+        env: &[],
+        yaml: None,
+        names: &["--demo-leak-mb-per-min"],
+    },
+    BadCase {
         what: "--gc-trigger-mb -1",
         args: &["--gc-trigger-mb", "-1"],
         env: &[],

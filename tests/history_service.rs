@@ -17,7 +17,7 @@ use service::*;
 
 const HISTORY: &str = "/api/v1/memory/profile/history";
 const TRENDS: &str = "/api/v1/memory/profile/trends";
-const LEAK_MB_PER_MIN: f64 = 120.0;
+const LEAK_MB_PER_MIN: f64 = 240.0;
 const LIMIT_MB: f64 = 8192.0;
 /// The demo's warm-up (its cache fills in 6.4 s) plus one trend window (360 × 100 ms).
 const SETTLE: Duration = Duration::from_secs(46);
@@ -71,7 +71,9 @@ fn the_demo_leak_is_found_in_cache_only_at_its_rate_and_exported() {
     std::thread::sleep(SETTLE);
     let trends = get_json(&client, addr, TRENDS);
     let t = &trends["trends"];
-    assert_eq!(t["samples"].as_u64(), Some(360), "{t}");
+    // 360 intervals of 100 ms; a tick delayed under load may leave one or two out.
+    let samples = t["samples"].as_u64().expect("samples");
+    assert!((355..=361).contains(&samples), "{samples} samples in the window: {t}");
     assert_eq!(
         flagged(&trends),
         ["cache"],
@@ -147,6 +149,14 @@ fn the_demo_leak_is_found_in_cache_only_at_its_rate_and_exported() {
     assert!(
         (ttl_hours / projected - 1.0).abs() <= 0.10,
         "exported {ttl_hours} h, document {projected}"
+    );
+    // The warning the service logs when a leak becomes suspected.
+    let stderr = proc.stderr();
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("memory leak suspected") && l.contains("component=\"cache\"")),
+        "no leak warning for cache in stderr:\n{stderr}"
     );
     proc.terminate();
 }
