@@ -94,3 +94,135 @@ pub(crate) fn recommendations(trends: &Trends, snap: &Snapshot) -> Vec<String> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::history::leak::Assessment;
+    use crate::history::{ComponentTrend, Trends};
+    use crate::snapshot::JemallocStats;
+
+    const MB: u64 = 1 << 20;
+
+    fn quiet() -> Assessment {
+        Assessment {
+            rate_bytes_per_sec: 0.0,
+            sustained_growth: false,
+            since: None,
+            z: 0.0,
+            fit: 0.0,
+        }
+    }
+
+    fn trends() -> Trends {
+        Trends {
+            window: Duration::from_secs(3600),
+            samples: 360,
+            growth: quiet(),
+            usage_bytes: Some(500 * MB),
+            limit_bytes: Some(2048 * MB),
+            time_to_limit: None,
+            components: vec![ComponentTrend {
+                name: "cache".into(),
+                growth: quiet(),
+                bytes: Some(100 * MB),
+            }],
+            pressure_episodes: 0,
+            peak_bytes: Some(600 * MB),
+            first_sample: None,
+        }
+    }
+
+    fn snapshot() -> Snapshot {
+        let mut snap = (*crate::MemoryMonitor::new().snapshot()).clone();
+        snap.jemalloc = None;
+        snap.actions = Default::default();
+        snap
+    }
+
+    #[test]
+    fn nothing_measured_nothing_advised() {
+        assert_eq!(recommendations(&trends(), &snapshot()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_suspected_leak_names_component_rate_and_time_to_limit() {
+        let mut t = trends();
+        t.components[0].growth = Assessment {
+            rate_bytes_per_sec: 10.0 * MB as f64 / 3600.0,
+            sustained_growth: true,
+            since: Some(0.0),
+            z: 4.2,
+            fit: 0.9,
+        };
+        let advice = recommendations(&t, &snapshot());
+        assert_eq!(advice.len(), 1, "{advice:?}");
+        // (2048 − 500) MB at 10 MB/h: 154.8 h.
+        for figure in ["`cache`", "10.0 MB/h", "Z 4.2", "100.0 MB", "154.8 h"] {
+            assert!(advice[0].contains(figure), "{figure} in {advice:?}");
+        }
+    }
+
+    #[test]
+    fn the_limit_within_a_day_is_said_with_its_rate() {
+        let mut t = trends();
+        t.growth.rate_bytes_per_sec = 100.0 * MB as f64 / 3600.0;
+        t.time_to_limit = Some(Duration::from_secs(15 * 3600));
+        let advice = recommendations(&t, &snapshot());
+        assert!(
+            advice.iter().any(|a| a.contains("100.0 MB/h") && a.contains("15.0 h")),
+            "{advice:?}"
+        );
+        t.time_to_limit = Some(Duration::from_secs(30 * 3600));
+        assert!(recommendations(&t, &snapshot()).is_empty());
+    }
+
+    #[test]
+    fn freed_pages_jemalloc_holds_are_named_with_what_a_purge_returns() {
+        let mut snap = snapshot();
+        let stats = |resident: u64| JemallocStats {
+            allocated: 250 * MB,
+            active: 300 * MB,
+            resident,
+            metadata: 20 * MB,
+            mapped: 700 * MB,
+            retained: 0,
+            age: Duration::ZERO,
+        };
+        snap.jemalloc = Some(stats(600 * MB));
+        let advice = recommendations(&trends(), &snap);
+        assert_eq!(advice.len(), 1, "{advice:?}");
+        // 600 − 300 − 20 = 280 MB held.
+        assert!(
+            advice[0].contains("280.0 MB") && advice[0].contains("purge"),
+            "{advice:?}"
+        );
+        // 40 MB held: below 64 MB, nothing said.
+        snap.jemalloc = Some(stats(360 * MB));
+        assert!(recommendations(&trends(), &snap).is_empty());
+    }
+
+    #[test]
+    fn repeated_pressure_and_idle_cleanups_are_counted() {
+        let mut t = trends();
+        t.pressure_episodes = 3;
+        let mut snap = snapshot();
+        snap.actions.cleanup_runs = 4;
+        snap.actions.cleanup_freed_bytes = MB;
+        let advice = recommendations(&t, &snap);
+        assert_eq!(advice.len(), 2, "{advice:?}");
+        assert!(
+            advice[0].contains("3 times") && advice[0].contains("600.0 MB"),
+            "{advice:?}"
+        );
+        assert!(
+            advice[1].contains("4 times") && advice[1].contains("0.2 MB per run"),
+            "{advice:?}"
+        );
+        t.pressure_episodes = 2;
+        snap.actions.cleanup_freed_bytes = 40 * MB;
+        assert!(recommendations(&t, &snap).is_empty());
+    }
+}
