@@ -48,6 +48,8 @@ pub mod history;
 mod manager;
 mod monitor;
 mod otel;
+#[cfg(feature = "profiling")]
+pub mod profile;
 mod snapshot;
 mod source;
 

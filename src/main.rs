@@ -93,13 +93,19 @@ fn main() -> ExitCode {
         demo = settings.demo,
         demo_leak_mb_per_min = settings.demo_leak_mb_per_min,
         history_interval_ms = settings.history.interval.as_millis() as u64,
+        heap_profile_sample = settings.heap_profile_sample,
+        debug_endpoints = settings.debug_endpoints,
         "memtel serving {}",
         memtel::PROFILE_PATH
     );
 
-    let app = axum::Router::new()
+    memtel::alloc::set_heap_sample_interval(settings.heap_profile_sample);
+    let mut app = axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .merge(memtel::router(monitor));
+    if settings.debug_endpoints {
+        app = app.merge(memtel::profile::debug_router());
+    }
     let served = runtime.block_on(async {
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown_signal())

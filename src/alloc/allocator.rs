@@ -4,6 +4,8 @@
 use std::alloc::{GlobalAlloc, Layout};
 
 use super::counters;
+#[cfg(feature = "profiling")]
+use super::sampler;
 #[cfg(feature = "jemalloc")]
 use super::{arenas, bins, classes};
 
@@ -115,6 +117,19 @@ fn tagged(layout: Layout) -> Option<Layout> {
     Some(unsafe { Layout::from_size_align_unchecked(size, layout.align()) })
 }
 
+/// The component slot a tag names (without the sampled flag).
+#[inline(always)]
+fn owner(tag: u8) -> u8 {
+    #[cfg(feature = "profiling")]
+    {
+        tag & !sampler::SAMPLED
+    }
+    #[cfg(not(feature = "profiling"))]
+    {
+        tag
+    }
+}
+
 /// Whether `A` is jemalloc, whose arenas can hold small allocations untagged.
 /// (Both sides are constants: the comparison folds away.)
 #[cfg(feature = "jemalloc")]
@@ -151,8 +166,13 @@ impl<A: GlobalAlloc> TrackingAllocator<A> {
         let old = Layout::from_size_align_unchecked(layout.size() + 1, layout.align());
         let new_ptr = self.inner.realloc(ptr, old, new_tagged.size());
         if !new_ptr.is_null() {
+            // The tag moves with the allocation, sampled flag included.
             new_ptr.add(new_size).write(slot);
-            counters::on_realloc(slot, layout.size(), new_size);
+            counters::on_realloc(owner(slot), layout.size(), new_size);
+            #[cfg(feature = "profiling")]
+            if slot & sampler::SAMPLED != 0 {
+                sampler::moved(ptr, new_ptr, new_size);
+            }
         }
         new_ptr
     }
@@ -161,7 +181,11 @@ impl<A: GlobalAlloc> TrackingAllocator<A> {
     #[inline(always)]
     unsafe fn dealloc_tagged(&self, ptr: *mut u8, layout: Layout) {
         let slot = ptr.add(layout.size()).read();
-        counters::on_free(slot, layout.size());
+        #[cfg(feature = "profiling")]
+        if slot & sampler::SAMPLED != 0 {
+            sampler::forget(ptr);
+        }
+        counters::on_free(owner(slot), layout.size());
         // The tagged layout was valid when this allocation was made.
         self.inner.dealloc(
             ptr,
@@ -170,8 +194,60 @@ impl<A: GlobalAlloc> TrackingAllocator<A> {
     }
 }
 
+#[cfg(feature = "profiling")]
+impl<A: GlobalAlloc + 'static> TrackingAllocator<A> {
+    /// A sampled allocation if one is due now (see `sampler`): made with a tag carrying
+    /// the sampled flag, and recorded with its stack.
+    #[inline(always)]
+    unsafe fn maybe_sampled(&self, layout: Layout, zeroed: bool) -> Option<*mut u8> {
+        let size = layout.size();
+        if !counters::STATE.with(|s| sampler::take_sample(s, size)) {
+            return None;
+        }
+        Some(self.alloc_sampled(layout, zeroed))
+    }
+
+    #[cold]
+    #[inline(never)]
+    unsafe fn alloc_sampled(&self, layout: Layout, zeroed: bool) -> *mut u8 {
+        let Some(tagged) = tagged(layout) else {
+            return std::ptr::null_mut();
+        };
+        #[cfg(feature = "jemalloc")]
+        let small =
+            places_in_arenas::<A>() && self.placement && classes::placed_class(tagged.size(), tagged.align()).is_some();
+        #[cfg(not(feature = "jemalloc"))]
+        let small = false;
+        let ptr = if small {
+            #[cfg(feature = "jemalloc")]
+            {
+                small_tagged(tagged, zeroed)
+            }
+            #[cfg(not(feature = "jemalloc"))]
+            {
+                std::ptr::null_mut()
+            }
+        } else if zeroed {
+            self.inner.alloc_zeroed(tagged)
+        } else {
+            self.inner.alloc(tagged)
+        };
+        if ptr.is_null() {
+            return ptr;
+        }
+        let size = layout.size();
+        counters::STATE.with(|s| {
+            let slot = s.current.get();
+            counters::record_alloc(s, slot, size);
+            ptr.add(size).write(slot | sampler::SAMPLED);
+            sampler::record(s, ptr, size, slot);
+        });
+        ptr
+    }
+}
+
 #[cfg(feature = "jemalloc")]
-impl<A: GlobalAlloc> TrackingAllocator<A> {
+impl<A: GlobalAlloc + 'static> TrackingAllocator<A> {
     /// The common case of `alloc` over jemalloc, kept small enough to inline: a small
     /// layout with an alignment of at most 16, a region in this thread's cache for the
     /// current component, and a shard of its own for the counts. Anything else goes to
@@ -191,6 +267,10 @@ impl<A: GlobalAlloc> TrackingAllocator<A> {
             let Some(shard) = counters::owned_shard(s) else {
                 return std::ptr::null_mut();
             };
+            #[cfg(feature = "profiling")]
+            if sampler::due(s, size) {
+                return std::ptr::null_mut();
+            }
             let ptr = bins::pop(s, slot, class);
             if !ptr.is_null() {
                 counters::record_alloc_owned(s, shard, slot, size);
@@ -211,6 +291,10 @@ impl<A: GlobalAlloc> TrackingAllocator<A> {
     #[cold]
     #[inline(never)]
     unsafe fn alloc_slow(&self, layout: Layout, zeroed: bool) -> *mut u8 {
+        #[cfg(feature = "profiling")]
+        if let Some(ptr) = self.maybe_sampled(layout, zeroed) {
+            return ptr;
+        }
         let size = layout.size();
         if arenas::never_placed() {
             return self.alloc_tagged(layout, zeroed);
@@ -300,7 +384,13 @@ impl<A: GlobalAlloc> TrackingAllocator<A> {
         let new_class = classes::placed_class(new_size, align);
         let Some(slot) = arenas::slot_of(ptr) else {
             if let Some(class) = new_class {
-                let slot = ptr.add(old_size).read();
+                let tag = ptr.add(old_size).read();
+                // Moved into a region of its component's arena, it is no longer sampled.
+                #[cfg(feature = "profiling")]
+                if tag & sampler::SAMPLED != 0 {
+                    sampler::forget(ptr);
+                }
+                let slot = owner(tag);
                 let mut new_ptr = counters::STATE.with(|s| bins::take(s, slot, class));
                 if new_ptr.is_null() {
                     // Placement unavailable: a small tagged allocation.
@@ -406,6 +496,10 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for TrackingAllocator<A> {
         if places_in_arenas::<A>() && self.placement {
             return self.alloc_fast(layout, false);
         }
+        #[cfg(feature = "profiling")]
+        if let Some(ptr) = self.maybe_sampled(layout, false) {
+            return ptr;
+        }
         self.alloc_tagged(layout, false)
     }
 
@@ -414,6 +508,10 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for TrackingAllocator<A> {
         #[cfg(feature = "jemalloc")]
         if places_in_arenas::<A>() && self.placement {
             return self.alloc_fast(layout, true);
+        }
+        #[cfg(feature = "profiling")]
+        if let Some(ptr) = self.maybe_sampled(layout, true) {
+            return ptr;
         }
         self.alloc_tagged(layout, true)
     }

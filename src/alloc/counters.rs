@@ -61,6 +61,9 @@ pub(crate) struct ThreadState {
     /// The thread's caches of placed regions (see `bins`).
     #[cfg(feature = "jemalloc")]
     pub(crate) placement: super::bins::ThreadBins,
+    /// The heap profiler's countdown (see `sampler`).
+    #[cfg(feature = "profiling")]
+    pub(crate) sampler: super::sampler::ThreadSampler,
 }
 
 thread_local! {
@@ -78,6 +81,8 @@ thread_local! {
             alloc_count: Cell::new(0),
             #[cfg(feature = "jemalloc")]
             placement: super::bins::ThreadBins::new(),
+            #[cfg(feature = "profiling")]
+            sampler: super::sampler::ThreadSampler::new(),
         }
     };
     // Its destructor hands the shard back when the thread exits.

@@ -45,7 +45,9 @@ mod classes;
 pub(crate) mod counters;
 #[cfg(feature = "tracing")]
 mod layer;
-mod registry;
+pub(crate) mod registry;
+#[cfg(feature = "profiling")]
+pub(crate) mod sampler;
 #[cfg(feature = "jemalloc")]
 mod scheme;
 mod scope;
@@ -53,6 +55,8 @@ mod scope;
 pub use allocator::TrackingAllocator;
 #[cfg(feature = "tracing")]
 pub use layer::ComponentLayer;
+#[cfg(feature = "profiling")]
+pub use sampler::{heap_sample_interval, set_heap_sample_interval};
 pub use scope::{component, current_component, Component, ComponentFuture, ComponentGuard, InComponent};
 
 pub(crate) use registry::for_each as for_each_component;

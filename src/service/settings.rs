@@ -111,6 +111,12 @@ struct Cli {
     /// Make the demo's cache keep this many MB per minute that it never evicts (a leak to find) [default: 0].
     #[arg(long, env = "MEMTEL_DEMO_LEAK_MB_PER_MIN", value_name = "MB")]
     demo_leak_mb_per_min: Option<String>,
+    /// Mean bytes between two sampled allocations of the heap profiler, e.g. 512KiB, 1MiB; 0 turns it off [default: 512KiB].
+    #[arg(long, env = "MEMTEL_HEAP_PROFILE_SAMPLE", value_name = "BYTES")]
+    heap_profile_sample: Option<String>,
+    /// Serve the debug routes (/debug/pprof/heap) [default: off; env MEMTEL_DEBUG_ENDPOINTS=true|false].
+    #[arg(long)]
+    debug_endpoints: bool,
     /// Run the demo workload [default; env MEMTEL_DEMO=true|false].
     #[arg(long, overrides_with = "no_demo")]
     demo: bool,
@@ -133,6 +139,8 @@ pub(crate) struct Settings {
     pub(crate) psi_full_escalation: Option<f64>,
     pub(crate) history: memtel::HistoryConfig,
     pub(crate) demo_leak_mb_per_min: f64,
+    pub(crate) heap_profile_sample: u64,
+    pub(crate) debug_endpoints: bool,
 }
 
 /// An invalid setting: the message names it, and the binary exits with status 2.
@@ -150,6 +158,8 @@ struct FileSettings {
     memory: MemorySection,
     #[serde(default)]
     history: HistorySection,
+    #[serde(default)]
+    profiling: ProfilingSection,
     #[serde(default)]
     demo: DemoSection,
 }
@@ -171,6 +181,13 @@ struct MemorySection {
     cooldown: Option<Scalar>,
     hysteresis: Option<Scalar>,
     psi_full_escalation: Option<Scalar>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProfilingSection {
+    heap_sample: Option<Scalar>,
+    debug_endpoints: Option<Scalar>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -307,6 +324,18 @@ const DEMO_LEAK: Names = Names {
     env: "MEMTEL_DEMO_LEAK_MB_PER_MIN",
     yaml: "demo.leak_mb_per_min",
 };
+const HEAP_SAMPLE: Names = Names {
+    id: "heap_profile_sample",
+    flag: "--heap-profile-sample",
+    env: "MEMTEL_HEAP_PROFILE_SAMPLE",
+    yaml: "profiling.heap_sample",
+};
+const DEBUG_ENDPOINTS: Names = Names {
+    id: "debug_endpoints",
+    flag: "--debug-endpoints",
+    env: "MEMTEL_DEBUG_ENDPOINTS",
+    yaml: "profiling.debug_endpoints",
+};
 const DEMO: Names = Names {
     id: "demo",
     flag: "--demo/--no-demo",
@@ -441,7 +470,28 @@ impl Settings {
             .transpose()?
             .unwrap_or(0.0);
 
+        let heap_profile_sample = resolve(&HEAP_SAMPLE, &cli.heap_profile_sample, &file.profiling.heap_sample)
+            .map(|(from, text)| bytes_with_unit(from, &text))
+            .transpose()?
+            .unwrap_or(512 << 10);
+        let debug_endpoints = if cli.debug_endpoints {
+            true
+        } else {
+            let env = std::env::var(DEBUG_ENDPOINTS.env).ok().filter(|v| !v.is_empty());
+            match (env, &file.profiling.debug_endpoints) {
+                (Some(text), _) => {
+                    parse_bool(&text).ok_or_else(|| invalid(DEBUG_ENDPOINTS.env, &text, "expected true or false"))?
+                }
+                (None, Some(Scalar(text))) => {
+                    parse_bool(text).ok_or_else(|| invalid(DEBUG_ENDPOINTS.yaml, text, "expected true or false"))?
+                }
+                (None, None) => false,
+            }
+        };
+
         Ok(Settings {
+            heap_profile_sample,
+            debug_endpoints,
             history,
             demo_leak_mb_per_min,
             listen,
@@ -524,6 +574,36 @@ fn history_config(
             })?;
     }
     Ok(config.leak_detection(rules))
+}
+
+/// A number of bytes, with an optional unit: `B`, `KiB`, `MiB`, `GiB` (powers of 1024) or
+/// `KB`, `MB`, `GB` (of 1000).
+fn bytes_with_unit(from: &str, text: &str) -> Result<u64, SettingsError> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => 0,
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .filter(|_| scale > 0)
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| {
+            invalid(
+                from,
+                text,
+                "expected bytes such as 512KiB, 1MiB or 65536 (0 turns sampling off)",
+            )
+        })
 }
 
 /// A finite number of at least 0.

@@ -1,0 +1,316 @@
+//! Heap profiling: byte-based Poisson sampling of allocations in the tracking allocator.
+//!
+//! As Go's `MemProfileRate` and jemalloc's `lg_prof_sample`: each thread counts its
+//! allocated bytes down from a random draw of an exponential distribution of mean
+//! [`interval`](heap_sample_interval); the allocation that crosses zero is sampled. An
+//! allocation of `s` bytes is then sampled with probability `1 − e^(−s/R)`, so weighting it
+//! by the inverse makes the expected bytes and counts unbiased.
+//!
+//! A sampled allocation is always made with a tag (never placed), its tag byte carrying
+//! [`SAMPLED`] besides the component: a free finds the flag in the tag it reads anyway,
+//! so frees of placed allocations — the common case — are not touched at all, and frees
+//! of tagged ones pay one bit test. Its stack is captured with `backtrace` (no allocation),
+//! while a per-thread guard keeps what the table allocates from being sampled in turn.
+//!
+//! The table (live samples by address, and every sampled stack's cumulative totals) sits
+//! behind a spin lock; a `fork` child takes the lock over and stops sampling, and frees
+//! in the child leave the inherited table alone.
+
+use std::cell::{Cell, UnsafeCell};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
+
+use super::counters::ThreadState;
+
+/// The tag bit of a sampled allocation (component slots are below 128).
+pub(crate) const SAMPLED: u8 = 0x80;
+const _: () = assert!(super::counters::SLOTS <= SAMPLED as usize);
+
+/// Frames kept per stack.
+const DEPTH: usize = 64;
+
+/// The mean sampling interval in bytes (0: off).
+static INTERVAL: AtomicU64 = AtomicU64::new(0);
+/// Bumped on every change of the interval: each thread redraws its countdown.
+static EPOCH: AtomicU32 = AtomicU32::new(1);
+/// Set in a `fork` child: sampling stops and the inherited table is left alone.
+static FORKED: AtomicBool = AtomicBool::new(false);
+
+/// Sets the mean number of bytes between two sampled allocations (`0` turns sampling off).
+/// Takes effect on each thread at its next allocation that misses its caches.
+///
+/// ```
+/// memtel::alloc::set_heap_sample_interval(512 << 10);
+/// assert_eq!(memtel::alloc::heap_sample_interval(), 512 << 10);
+/// memtel::alloc::set_heap_sample_interval(0);
+/// ```
+pub fn set_heap_sample_interval(bytes: u64) {
+    if bytes > 0 {
+        register_fork_handler();
+    }
+    INTERVAL.store(bytes, Relaxed);
+    EPOCH.fetch_add(1, Release);
+}
+
+/// The mean sampling interval in bytes; 0 when sampling is off.
+pub fn heap_sample_interval() -> u64 {
+    INTERVAL.load(Relaxed)
+}
+
+/// Per-thread sampler state (part of the allocator's thread state).
+pub(crate) struct ThreadSampler {
+    /// The thread's `alloc_bytes` at which the next sample is due.
+    pub(crate) due_at: Cell<u64>,
+    epoch: Cell<u32>,
+    rng: Cell<u64>,
+    /// Set while the thread records a sample (or reads the table): nothing it allocates
+    /// meanwhile is sampled.
+    busy: Cell<bool>,
+}
+
+impl ThreadSampler {
+    pub(crate) const fn new() -> Self {
+        Self {
+            // Due at once: the first allocation goes to the slow path, which reads the
+            // interval and draws the real countdown.
+            due_at: Cell::new(0),
+            epoch: Cell::new(0),
+            rng: Cell::new(0),
+            busy: Cell::new(false),
+        }
+    }
+}
+
+/// Whether an allocation of `size` crosses the thread's countdown (the fast paths' test).
+#[inline(always)]
+pub(crate) fn due(state: &ThreadState, size: usize) -> bool {
+    state.alloc_bytes.get().wrapping_add(size as u64) >= state.sampler.due_at.get()
+}
+
+/// In a slow path: whether this allocation of `size` is to be sampled. Redraws the
+/// countdown first when the interval changed (a thread whose countdown is off notices a
+/// new interval here, at its next allocation that misses its caches); false while the
+/// thread is recording a sample.
+pub(crate) fn take_sample(state: &ThreadState, size: usize) -> bool {
+    let t = &state.sampler;
+    if t.busy.get() {
+        return false;
+    }
+    let epoch = EPOCH.load(Acquire);
+    if t.epoch.get() != epoch {
+        t.epoch.set(epoch);
+        redraw(state);
+    }
+    due(state, size) && INTERVAL.load(Relaxed) != 0 && !FORKED.load(Relaxed)
+}
+
+/// Draws the next countdown: exponential of mean [`INTERVAL`], from the thread's total.
+fn redraw(state: &ThreadState) {
+    let interval = INTERVAL.load(Relaxed);
+    if interval == 0 || FORKED.load(Relaxed) {
+        state.sampler.due_at.set(u64::MAX);
+        return;
+    }
+    let t = &state.sampler;
+    let mut x = t.rng.get();
+    if x == 0 {
+        // Seeded per thread from its state's address and the clock.
+        x = (std::ptr::from_ref(state) as u64) ^ nanos() ^ 0x9E37_79B9_7F4A_7C15;
+    }
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    t.rng.set(x);
+    let unit = ((x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    let next = (-unit.ln() * interval as f64).min(1e18) as u64;
+    t.due_at.set(state.alloc_bytes.get().saturating_add(next.max(1)));
+}
+
+fn nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// The weight of a sample of `size` bytes: how many allocations of its size it stands for.
+fn scale(size: usize) -> f64 {
+    let interval = INTERVAL.load(Relaxed).max(1) as f64;
+    let p = 1.0 - (-(size.max(1) as f64) / interval).exp();
+    if p > 0.0 {
+        1.0 / p
+    } else {
+        1.0
+    }
+}
+
+/// Records the sampled allocation `ptr` of `size` bytes of `slot`, with the caller's stack,
+/// and draws the next countdown.
+pub(crate) fn record(state: &ThreadState, ptr: *mut u8, size: usize, slot: u8) {
+    let t = &state.sampler;
+    t.busy.set(true);
+    let mut frames = [0usize; DEPTH];
+    let mut depth = 0;
+    // SAFETY: tracing without synchronization only risks a garbled stack if another thread
+    // traces at the same time through the same unwinder state; the unwinder used here is
+    // thread-safe. It does not allocate.
+    unsafe {
+        backtrace::trace_unsynchronized(|frame| {
+            frames[depth] = frame.ip() as usize;
+            depth += 1;
+            depth < DEPTH
+        });
+    }
+    let weight = scale(size);
+    with_table(|table| table.insert(ptr as usize, &frames[..depth], slot, size, weight));
+    redraw(state);
+    t.busy.set(false);
+}
+
+/// A sampled allocation at `ptr` was freed (or moved to where it is no longer sampled).
+pub(crate) fn forget(ptr: *mut u8) {
+    if FORKED.load(Relaxed) {
+        return;
+    }
+    super::counters::STATE.with(|s| {
+        let was = s.sampler.busy.replace(true);
+        with_table(|table| {
+            table.live.remove(&(ptr as usize));
+        });
+        s.sampler.busy.set(was);
+    });
+}
+
+/// A sampled allocation moved from `old` to `new` and is now `size` bytes.
+pub(crate) fn moved(old: *mut u8, new: *mut u8, size: usize) {
+    if FORKED.load(Relaxed) {
+        return;
+    }
+    super::counters::STATE.with(|s| {
+        let was = s.sampler.busy.replace(true);
+        let weight = scale(size);
+        with_table(|table| {
+            if let Some(mut live) = table.live.remove(&(old as usize)) {
+                live.size = size;
+                live.weight = weight;
+                table.live.insert(new as usize, live);
+            }
+        });
+        s.sampler.busy.set(was);
+    });
+}
+
+/// One live sampled allocation.
+#[derive(Clone, Copy)]
+struct Live {
+    stack: u32,
+    size: usize,
+    weight: f64,
+}
+
+/// A sampled stack and what was allocated from it since sampling began.
+pub(crate) struct Stack {
+    pub(crate) frames: Box<[usize]>,
+    pub(crate) slot: u8,
+    pub(crate) alloc_objects: f64,
+    pub(crate) alloc_space: f64,
+}
+
+#[derive(Default)]
+pub(crate) struct Table {
+    live: HashMap<usize, Live>,
+    index: HashMap<(Box<[usize]>, u8), u32>,
+    stacks: Vec<Stack>,
+}
+
+impl Table {
+    fn insert(&mut self, ptr: usize, frames: &[usize], slot: u8, size: usize, weight: f64) {
+        let key = (Box::<[usize]>::from(frames), slot);
+        let stack = match self.index.get(&key) {
+            Some(&i) => i,
+            None => {
+                let i = self.stacks.len() as u32;
+                self.stacks.push(Stack {
+                    frames: key.0.clone(),
+                    slot,
+                    alloc_objects: 0.0,
+                    alloc_space: 0.0,
+                });
+                self.index.insert(key, i);
+                i
+            }
+        };
+        let s = &mut self.stacks[stack as usize];
+        s.alloc_objects += weight;
+        s.alloc_space += weight * size as f64;
+        self.live.insert(ptr, Live { stack, size, weight });
+    }
+
+    /// Each stack with its in-use objects and bytes (the live samples' weights).
+    pub(crate) fn each(&self, mut f: impl FnMut(&Stack, f64, f64)) {
+        let mut inuse = vec![(0.0f64, 0.0f64); self.stacks.len()];
+        for live in self.live.values() {
+            let entry = &mut inuse[live.stack as usize];
+            entry.0 += live.weight;
+            entry.1 += live.weight * live.size as f64;
+        }
+        for (stack, (objects, space)) in self.stacks.iter().zip(inuse) {
+            f(stack, objects, space);
+        }
+    }
+}
+
+/// The table and its spin lock.
+struct Locked {
+    lock: AtomicBool,
+    table: UnsafeCell<Option<Table>>,
+}
+
+// SAFETY: the table is only reached through `with_table`, which holds the lock.
+unsafe impl Sync for Locked {}
+
+static TABLE: Locked = Locked {
+    lock: AtomicBool::new(false),
+    table: UnsafeCell::new(None),
+};
+
+/// Runs `f` on the table under its lock. The caller must have set its thread's `busy`
+/// flag: what `f` allocates must not be sampled (that would take the lock again).
+fn with_table<R>(f: impl FnOnce(&mut Table) -> R) -> R {
+    while TABLE.lock.compare_exchange_weak(false, true, Acquire, Relaxed).is_err() {
+        std::hint::spin_loop();
+    }
+    // SAFETY: the lock is held.
+    let result = f(unsafe { &mut *TABLE.table.get() }.get_or_insert_with(Table::default));
+    TABLE.lock.store(false, Release);
+    result
+}
+
+/// Runs `f` on the table for a reader (the profile views), with this thread's sampling
+/// held off while it holds the lock.
+pub(crate) fn read<R>(f: impl FnOnce(&Table) -> R) -> R {
+    if FORKED.load(Relaxed) {
+        return f(&Table::default());
+    }
+    super::counters::STATE.with(|s| {
+        let was = s.sampler.busy.replace(true);
+        let result = with_table(|t| f(t));
+        s.sampler.busy.set(was);
+        result
+    })
+}
+
+fn register_fork_handler() {
+    static REGISTERED: AtomicBool = AtomicBool::new(false);
+    if !REGISTERED.swap(true, Relaxed) {
+        // SAFETY: a handler without arguments that only stores to atomics.
+        unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
+    }
+}
+
+/// In a `fork` child: another thread may have held the lock mid-update. Sampling stops,
+/// the lock is taken over, and the inherited table is never touched again.
+extern "C" fn after_fork_in_child() {
+    FORKED.store(true, Relaxed);
+    TABLE.lock.store(false, Relaxed);
+    EPOCH.fetch_add(1, Relaxed);
+}

@@ -1,0 +1,160 @@
+//! Heap profiles against truth: known bytes held from two functions in two components,
+//! sampled at a 64 KiB interval; the profile read back by `go tool pprof`.
+#![cfg(all(feature = "profiling", feature = "jemalloc"))]
+
+use std::hint::black_box;
+use std::process::Command;
+
+#[global_allocator]
+static GLOBAL: memtel::alloc::TrackingAllocator<tikv_jemallocator::Jemalloc> =
+    memtel::alloc::TrackingAllocator::new(tikv_jemallocator::Jemalloc);
+
+const MIB: f64 = 1_048_576.0;
+const CACHE_BYTES: usize = 48 << 20;
+const API_BYTES: usize = 12 << 20;
+
+/// Mixed sizes, 24 B to 256 KiB, adding up to exactly `total`.
+fn sizes(total: usize, seed: u64) -> Vec<usize> {
+    let mut x = seed;
+    let mut left = total;
+    let mut out = Vec::new();
+    while left > 0 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let size = match x % 4 {
+            0 => 24 + (x >> 8) as usize % 200,
+            1 => 1024 + (x >> 8) as usize % 4096,
+            2 => 16 << 10,
+            _ => 100_000 + (x >> 8) as usize % 160_000,
+        }
+        .min(left);
+        out.push(size);
+        left -= size;
+    }
+    out
+}
+
+#[inline(never)]
+fn fill_the_cache_component(sizes: &[usize]) -> Vec<Vec<u8>> {
+    sizes.iter().map(|&n| black_box(vec![7u8; n])).collect()
+}
+
+#[inline(never)]
+fn buffer_api_requests(sizes: &[usize]) -> Vec<Vec<u8>> {
+    sizes.iter().map(|&n| black_box(vec![9u8; n])).collect()
+}
+
+/// In-use and cumulative bytes of the samples whose stack passes through `function`,
+/// by component.
+fn through(profile: &memtel::profile::HeapProfile, function: &str) -> (f64, f64, Vec<&'static str>) {
+    let stacks = profile.symbolize();
+    let mut inuse = 0.0;
+    let mut alloc = 0.0;
+    let mut components = Vec::new();
+    for (sample, names) in profile.samples.iter().zip(&stacks) {
+        if names.iter().any(|n| n.contains(function)) {
+            inuse += sample.inuse_space;
+            alloc += sample.alloc_space;
+            if !components.contains(&sample.component) {
+                components.push(sample.component);
+            }
+        }
+    }
+    (inuse, alloc, components)
+}
+
+#[test]
+fn profiles_attribute_known_bytes_to_their_functions_and_components() {
+    memtel::alloc::set_heap_sample_interval(64 << 10);
+    let cache = memtel::component("cache");
+    let api = memtel::component("api");
+    let (cache_sizes, api_sizes) = (sizes(CACHE_BYTES, 7), sizes(API_BYTES, 11));
+    let held_cache = cache.in_scope(|| fill_the_cache_component(&cache_sizes));
+    let held_api = api.in_scope(|| buffer_api_requests(&api_sizes));
+
+    let profile = memtel::profile::heap_profile();
+    let (cache_inuse, _, cache_components) = through(&profile, "fill_the_cache_component");
+    let (api_inuse, _, api_components) = through(&profile, "buffer_api_requests");
+    assert!(
+        (cache_inuse / CACHE_BYTES as f64 - 1.0).abs() <= 0.15,
+        "cache function: {:.1} MiB in use in the profile, {} MiB held",
+        cache_inuse / MIB,
+        CACHE_BYTES >> 20
+    );
+    assert!(
+        (api_inuse / API_BYTES as f64 - 1.0).abs() <= 0.15,
+        "api function: {:.1} MiB in use in the profile, {} MiB held",
+        api_inuse / MIB,
+        API_BYTES >> 20
+    );
+    // The component labels split them exactly.
+    assert_eq!(cache_components, ["cache"]);
+    assert_eq!(api_components, ["api"]);
+
+    // The served form: go tool pprof reads it and prints the functions.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("heap.pb.gz");
+    std::fs::write(&file, profile.to_pprof()).expect("write");
+    let top = go_pprof(&["-top", "-sample_index=inuse_space"], &file);
+    assert!(
+        top.contains("fill_the_cache_component") && top.contains("buffer_api_requests"),
+        "{top}"
+    );
+    let tagged = go_pprof(&["-top", "-sample_index=inuse_space", "-tagfocus=component=api"], &file);
+    assert!(
+        tagged.contains("buffer_api_requests") && !tagged.contains("fill_the_cache_component"),
+        "{tagged}"
+    );
+    let svg = profile.to_svg().expect("svg");
+    let svg = String::from_utf8(svg).expect("utf-8");
+    assert!(svg.contains("<svg") && svg.trim_end().ends_with("</svg>"), "not an SVG");
+    assert!(svg.contains("fill_the_cache_component"));
+
+    // Freed allocations leave the in-use profile; the cumulative one keeps them.
+    drop(held_cache);
+    let after = memtel::profile::heap_profile();
+    let (cache_inuse, cache_alloc, _) = through(&after, "fill_the_cache_component");
+    assert!(
+        cache_inuse < 0.01 * CACHE_BYTES as f64,
+        "{:.1} MiB still in use",
+        cache_inuse / MIB
+    );
+    assert!(
+        (cache_alloc / CACHE_BYTES as f64 - 1.0).abs() <= 0.15,
+        "cumulative {:.1} MiB",
+        cache_alloc / MIB
+    );
+
+    // A delta holds only what was allocated in between.
+    let before = memtel::profile::heap_profile();
+    let more = api.in_scope(|| buffer_api_requests(&sizes(8 << 20, 13)));
+    let delta = memtel::profile::heap_profile().since(&before);
+    let (_, delta_api, _) = through(&delta, "buffer_api_requests");
+    let (_, delta_cache, _) = through(&delta, "fill_the_cache_component");
+    assert!(
+        (delta_api / (8 << 20) as f64 - 1.0).abs() <= 0.25,
+        "delta {:.1} MiB",
+        delta_api / MIB
+    );
+    assert_eq!(delta_cache, 0.0);
+    drop((held_api, more));
+    memtel::alloc::set_heap_sample_interval(0);
+}
+
+fn go_pprof(args: &[&str], file: &std::path::Path) -> String {
+    let out = Command::new("go")
+        .args(["tool", "pprof"])
+        .args(args)
+        .arg(file)
+        .env("HOME", std::env::temp_dir())
+        .output()
+        .expect("go tool pprof (the Go toolchain)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "go tool pprof failed: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
