@@ -12,10 +12,11 @@ use service::pipeline::{OtelSettings, Pipeline};
 use service::settings::Settings;
 use service::{demo, diagnostics};
 
-/// Every heap byte attributed to the component that allocated it, served by jemalloc.
+/// Every heap byte attributed to the component that allocated it, served by jemalloc;
+/// allocations sampled for heap profiles (`--heap-profile-sample`).
 #[global_allocator]
 static GLOBAL: memtel::alloc::TrackingAllocator<tikv_jemallocator::Jemalloc> =
-    memtel::alloc::TrackingAllocator::new(tikv_jemallocator::Jemalloc);
+    memtel::alloc::TrackingAllocator::new(tikv_jemallocator::Jemalloc).with_heap_profiling();
 
 /// How long shutdown waits for the last metrics flush.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);

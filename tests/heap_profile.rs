@@ -7,7 +7,7 @@ use std::process::Command;
 
 #[global_allocator]
 static GLOBAL: memtel::alloc::TrackingAllocator<tikv_jemallocator::Jemalloc> =
-    memtel::alloc::TrackingAllocator::new(tikv_jemallocator::Jemalloc);
+    memtel::alloc::TrackingAllocator::new(tikv_jemallocator::Jemalloc).with_heap_profiling();
 
 const MIB: f64 = 1_048_576.0;
 const CACHE_BYTES: usize = 48 << 20;

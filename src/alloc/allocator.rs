@@ -58,6 +58,10 @@ pub struct TrackingAllocator<A> {
     /// Whether small allocations may be placed (over jemalloc).
     #[cfg(feature = "jemalloc")]
     placement: bool,
+    /// Whether this allocator samples for heap profiles
+    /// ([`with_heap_profiling`](Self::with_heap_profiling)).
+    #[cfg(feature = "profiling")]
+    profiling: bool,
 }
 
 impl<A: Default> Default for TrackingAllocator<A> {
@@ -75,6 +79,8 @@ impl<A> TrackingAllocator<A> {
             inner,
             #[cfg(feature = "jemalloc")]
             placement: true,
+            #[cfg(feature = "profiling")]
+            profiling: false,
         }
     }
 
@@ -100,7 +106,34 @@ impl<A> TrackingAllocator<A> {
             inner,
             #[cfg(feature = "jemalloc")]
             placement: false,
+            #[cfg(feature = "profiling")]
+            profiling: false,
         }
+    }
+
+    /// The same allocator, able to sample allocations for heap profiles
+    /// ([`memtel::profile`](crate::profile)) once
+    /// [`set_heap_sample_interval`](crate::alloc::set_heap_sample_interval) turns sampling
+    /// on. An allocator built without it has no sampling code on its paths at all; with it
+    /// and sampling off, each allocation pays one comparison (BENCHMARKS.md).
+    ///
+    /// ```
+    /// use memtel::alloc::TrackingAllocator;
+    ///
+    /// #[global_allocator]
+    /// static GLOBAL: TrackingAllocator<tikv_jemallocator::Jemalloc> =
+    ///     TrackingAllocator::new(tikv_jemallocator::Jemalloc).with_heap_profiling();
+    ///
+    /// memtel::alloc::set_heap_sample_interval(512 << 10);
+    /// let kept = memtel::component("cache").in_scope(|| vec![1u8; 8 << 20]);
+    /// let profile = memtel::profile::heap_profile();
+    /// assert!(profile.samples.iter().any(|s| s.component == "cache"));
+    /// # drop(kept);
+    /// ```
+    #[cfg(feature = "profiling")]
+    pub const fn with_heap_profiling(mut self) -> Self {
+        self.profiling = true;
+        self
     }
 }
 
@@ -117,19 +150,6 @@ fn tagged(layout: Layout) -> Option<Layout> {
     Some(unsafe { Layout::from_size_align_unchecked(size, layout.align()) })
 }
 
-/// The component slot a tag names (without the sampled flag).
-#[inline(always)]
-fn owner(tag: u8) -> u8 {
-    #[cfg(feature = "profiling")]
-    {
-        tag & !sampler::SAMPLED
-    }
-    #[cfg(not(feature = "profiling"))]
-    {
-        tag
-    }
-}
-
 /// Whether `A` is jemalloc, whose arenas can hold small allocations untagged.
 /// (Both sides are constants: the comparison folds away.)
 #[cfg(feature = "jemalloc")]
@@ -139,6 +159,26 @@ fn places_in_arenas<A: 'static>() -> bool {
 }
 
 impl<A: GlobalAlloc> TrackingAllocator<A> {
+    /// The component slot a tag names (without the sampled flag).
+    #[inline(always)]
+    fn owner(&self, tag: u8) -> u8 {
+        #[cfg(feature = "profiling")]
+        if self.profiling {
+            return tag & !sampler::SAMPLED;
+        }
+        tag
+    }
+
+    /// Whether a tag marks a sampled allocation (only a profiling allocator makes them).
+    #[inline(always)]
+    fn sampled(&self, _tag: u8) -> bool {
+        #[cfg(feature = "profiling")]
+        if self.profiling {
+            return _tag & sampler::SAMPLED != 0;
+        }
+        false
+    }
+
     /// Allocates with a tag byte after the caller's memory.
     #[inline(always)]
     unsafe fn alloc_tagged(&self, layout: Layout, zeroed: bool) -> *mut u8 {
@@ -168,9 +208,9 @@ impl<A: GlobalAlloc> TrackingAllocator<A> {
         if !new_ptr.is_null() {
             // The tag moves with the allocation, sampled flag included.
             new_ptr.add(new_size).write(slot);
-            counters::on_realloc(owner(slot), layout.size(), new_size);
+            counters::on_realloc(self.owner(slot), layout.size(), new_size);
             #[cfg(feature = "profiling")]
-            if slot & sampler::SAMPLED != 0 {
+            if self.sampled(slot) {
                 sampler::moved(ptr, new_ptr, new_size);
             }
         }
@@ -182,10 +222,10 @@ impl<A: GlobalAlloc> TrackingAllocator<A> {
     unsafe fn dealloc_tagged(&self, ptr: *mut u8, layout: Layout) {
         let slot = ptr.add(layout.size()).read();
         #[cfg(feature = "profiling")]
-        if slot & sampler::SAMPLED != 0 {
+        if self.sampled(slot) {
             sampler::forget(ptr);
         }
-        counters::on_free(owner(slot), layout.size());
+        counters::on_free(self.owner(slot), layout.size());
         // The tagged layout was valid when this allocation was made.
         self.inner.dealloc(
             ptr,
@@ -200,6 +240,9 @@ impl<A: GlobalAlloc + 'static> TrackingAllocator<A> {
     /// the sampled flag, and recorded with its stack.
     #[inline(always)]
     unsafe fn maybe_sampled(&self, layout: Layout, zeroed: bool) -> Option<*mut u8> {
+        if !self.profiling {
+            return None;
+        }
         let size = layout.size();
         if !counters::STATE.with(|s| sampler::take_sample(s, size)) {
             return None;
@@ -255,6 +298,10 @@ impl<A: GlobalAlloc + 'static> TrackingAllocator<A> {
     /// frame.
     #[inline(always)]
     unsafe fn alloc_fast(&self, layout: Layout, zeroed: bool) -> *mut u8 {
+        #[cfg(feature = "profiling")]
+        if self.profiling {
+            return self.alloc_fast_profiled(layout, zeroed);
+        }
         let (size, align) = (layout.size(), layout.align());
         if align > 16 {
             return self.alloc_slow(layout, zeroed);
@@ -267,16 +314,51 @@ impl<A: GlobalAlloc + 'static> TrackingAllocator<A> {
             let Some(shard) = counters::owned_shard(s) else {
                 return std::ptr::null_mut();
             };
-            #[cfg(feature = "profiling")]
-            if sampler::due(s, size) {
-                return std::ptr::null_mut();
-            }
             let ptr = bins::pop(s, slot, class);
             if !ptr.is_null() {
                 counters::record_alloc_owned(s, shard, slot, size);
             }
             ptr
         });
+        if ptr.is_null() {
+            return self.alloc_slow(layout, zeroed);
+        }
+        if zeroed {
+            ptr.write_bytes(0, size);
+        }
+        ptr
+    }
+
+    /// [`alloc_fast`](Self::alloc_fast) for an allocator that samples: the same, plus the
+    /// test of the thread's sampling countdown.
+    #[cfg(feature = "profiling")]
+    #[inline(always)]
+    unsafe fn alloc_fast_profiled(&self, layout: Layout, zeroed: bool) -> *mut u8 {
+        let (size, align) = (layout.size(), layout.align());
+        if align > 16 {
+            return self.alloc_slow(layout, zeroed);
+        }
+        let Some(class) = classes::class_of(size.max(align)) else {
+            return self.alloc_slow(layout, zeroed);
+        };
+        // The state is reached without a closure: `STATE.with` around the extra test
+        // stayed a call (18 % more instructions on a churn loop).
+        let ptr = {
+            // SAFETY: this thread's own state, used on this thread within this call.
+            let s = unsafe { &*counters::state_ptr() };
+            let Some(shard) = counters::owned_shard(s) else {
+                return self.alloc_slow(layout, zeroed);
+            };
+            if sampler::due(s, size) {
+                return self.alloc_slow(layout, zeroed);
+            }
+            let slot = s.current.get();
+            let ptr = bins::pop(s, slot, class);
+            if !ptr.is_null() {
+                counters::record_alloc_owned(s, shard, slot, size);
+            }
+            ptr
+        };
         if ptr.is_null() {
             return self.alloc_slow(layout, zeroed);
         }
@@ -387,10 +469,10 @@ impl<A: GlobalAlloc + 'static> TrackingAllocator<A> {
                 let tag = ptr.add(old_size).read();
                 // Moved into a region of its component's arena, it is no longer sampled.
                 #[cfg(feature = "profiling")]
-                if tag & sampler::SAMPLED != 0 {
+                if self.sampled(tag) {
                     sampler::forget(ptr);
                 }
-                let slot = owner(tag);
+                let slot = self.owner(tag);
                 let mut new_ptr = counters::STATE.with(|s| bins::take(s, slot, class));
                 if new_ptr.is_null() {
                     // Placement unavailable: a small tagged allocation.

@@ -59,7 +59,8 @@ pub fn heap_sample_interval() -> u64 {
 
 /// Per-thread sampler state (part of the allocator's thread state).
 pub(crate) struct ThreadSampler {
-    /// The thread's `alloc_bytes` at which the next sample is due.
+    /// The thread's `alloc_bytes` (which counts every allocation, fast or slow) at which
+    /// the next sample is due; `u64::MAX` while sampling is off.
     pub(crate) due_at: Cell<u64>,
     epoch: Cell<u32>,
     rng: Cell<u64>,
@@ -81,16 +82,16 @@ impl ThreadSampler {
     }
 }
 
-/// Whether an allocation of `size` crosses the thread's countdown (the fast paths' test).
+/// Whether an allocation of `size` reaches the thread's countdown (the fast path's test).
 #[inline(always)]
 pub(crate) fn due(state: &ThreadState, size: usize) -> bool {
     state.alloc_bytes.get().wrapping_add(size as u64) >= state.sampler.due_at.get()
 }
 
-/// In a slow path: whether this allocation of `size` is to be sampled. Redraws the
-/// countdown first when the interval changed (a thread whose countdown is off notices a
-/// new interval here, at its next allocation that misses its caches); false while the
-/// thread is recording a sample.
+/// For an allocation of `size` in a slow path: whether it is to be sampled. Redraws the
+/// countdown first when the interval changed (a thread with sampling off notices a new
+/// interval here, at its next allocation that misses its caches); false while the thread
+/// is recording a sample.
 pub(crate) fn take_sample(state: &ThreadState, size: usize) -> bool {
     let t = &state.sampler;
     if t.busy.get() {
@@ -101,7 +102,14 @@ pub(crate) fn take_sample(state: &ThreadState, size: usize) -> bool {
         t.epoch.set(epoch);
         redraw(state);
     }
-    due(state, size) && INTERVAL.load(Relaxed) != 0 && !FORKED.load(Relaxed)
+    if !due(state, size) {
+        return false;
+    }
+    if INTERVAL.load(Relaxed) == 0 || FORKED.load(Relaxed) {
+        t.due_at.set(u64::MAX);
+        return false;
+    }
+    true
 }
 
 /// Draws the next countdown: exponential of mean [`INTERVAL`], from the thread's total.
@@ -122,8 +130,8 @@ fn redraw(state: &ThreadState) {
     x ^= x >> 27;
     t.rng.set(x);
     let unit = ((x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-    let next = (-unit.ln() * interval as f64).min(1e18) as u64;
-    t.due_at.set(state.alloc_bytes.get().saturating_add(next.max(1)));
+    let next = ((-unit.ln() * interval as f64).min(1e18) as u64).max(1);
+    t.due_at.set(state.alloc_bytes.get().saturating_add(next));
 }
 
 fn nanos() -> u64 {

@@ -11,7 +11,7 @@
 //! ```no_run
 //! # #[global_allocator]
 //! # static GLOBAL: memtel::alloc::TrackingAllocator<tikv_jemallocator::Jemalloc> =
-//! #     memtel::alloc::TrackingAllocator::new(tikv_jemallocator::Jemalloc);
+//! #     memtel::alloc::TrackingAllocator::new(tikv_jemallocator::Jemalloc).with_heap_profiling();
 //! memtel::alloc::set_heap_sample_interval(512 << 10);
 //! let cache = memtel::component("cache");
 //! let kept = cache.in_scope(|| vec![0u8; 64 << 20]);

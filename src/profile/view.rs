@@ -31,7 +31,7 @@ const MAX_SECONDS: u64 = 300;
 /// ```no_run
 /// # #[global_allocator]
 /// # static GLOBAL: memtel::alloc::TrackingAllocator<tikv_jemallocator::Jemalloc> =
-/// #     memtel::alloc::TrackingAllocator::new(tikv_jemallocator::Jemalloc);
+/// #     memtel::alloc::TrackingAllocator::new(tikv_jemallocator::Jemalloc).with_heap_profiling();
 /// memtel::alloc::set_heap_sample_interval(512 << 10);
 /// let app: axum::Router = axum::Router::new()
 ///     .merge(memtel::router(memtel::MemoryMonitor::new()))

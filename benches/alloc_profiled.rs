@@ -1,0 +1,42 @@
+//! The heap profiler's cost: `TrackingAllocator<Jemalloc>::with_heap_profiling()` on the
+//! allocator workloads with sampling off (`profiled_off`) and sampling every 512 KiB on
+//! average (`profiled_512k`), side by side in one run; compare `profiled_off` with
+//! `alloc_memtel`'s `memtel` (an allocator without profiling) by instructions under
+//! callgrind (see BENCHMARKS.md).
+//!
+//! `cargo bench --bench alloc_profiled`
+
+#[path = "support/alloc_workloads.rs"]
+mod workloads;
+
+use memtel::alloc::TrackingAllocator;
+use memtel::Component;
+use workloads::{DomCorpus, Scope};
+
+#[global_allocator]
+static GLOBAL: TrackingAllocator<tikv_jemallocator::Jemalloc> =
+    TrackingAllocator::new(tikv_jemallocator::Jemalloc).with_heap_profiling();
+
+struct InComponent(Component);
+
+impl Scope for InComponent {
+    fn run<R>(&self, _worker: usize, f: impl FnOnce() -> R) -> R {
+        self.0.in_scope(f)
+    }
+}
+
+fn main() {
+    let scope = InComponent(memtel::component("workload"));
+    let corpus = DomCorpus::generate();
+    let mut c = workloads::criterion();
+    for (name, interval) in [("profiled_off", 0), ("profiled_512k", 512 << 10)] {
+        memtel::alloc::set_heap_sample_interval(interval);
+        workloads::bench_churn(&mut c, name, &scope);
+        workloads::bench_realistic(&mut c, name, &scope);
+        workloads::bench_dom(&mut c, name, &scope, &corpus);
+    }
+    let samples: usize = memtel::profile::heap_profile().samples.len();
+    eprintln!("heap profile: {samples} sampled stacks");
+    memtel::alloc::set_heap_sample_interval(0);
+    c.final_summary();
+}
