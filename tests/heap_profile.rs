@@ -10,6 +10,9 @@ static GLOBAL: memtel::alloc::TrackingAllocator<tikv_jemallocator::Jemalloc> =
     memtel::alloc::TrackingAllocator::new(tikv_jemallocator::Jemalloc).with_heap_profiling();
 
 const MIB: f64 = 1_048_576.0;
+
+/// The sampling interval is process-wide: one test at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 const CACHE_BYTES: usize = 48 << 20;
 const API_BYTES: usize = 12 << 20;
 
@@ -66,6 +69,7 @@ fn through(profile: &memtel::profile::HeapProfile, function: &str) -> (f64, f64,
 
 #[test]
 fn profiles_attribute_known_bytes_to_their_functions_and_components() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     memtel::alloc::set_heap_sample_interval(64 << 10);
     let cache = memtel::component("cache");
     let api = memtel::component("api");
@@ -87,6 +91,15 @@ fn profiles_attribute_known_bytes_to_their_functions_and_components() {
         "api function: {:.1} MiB in use in the profile, {} MiB held",
         api_inuse / MIB,
         API_BYTES >> 20
+    );
+    println!(
+        "in-use by function at a 64 KiB interval: cache {:.2} MiB of {} ({:+.1} %), api {:.2} MiB of {} ({:+.1} %)",
+        cache_inuse / MIB,
+        CACHE_BYTES >> 20,
+        (cache_inuse / CACHE_BYTES as f64 - 1.0) * 100.0,
+        api_inuse / MIB,
+        API_BYTES >> 20,
+        (api_inuse / API_BYTES as f64 - 1.0) * 100.0
     );
     // The component labels split them exactly.
     assert_eq!(cache_components, ["cache"]);
@@ -157,4 +170,35 @@ fn go_pprof(args: &[&str], file: &std::path::Path) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     text
+}
+
+#[inline(never)]
+fn render_pages() -> Vec<Vec<u8>> {
+    (0..64).map(|i| black_box(vec![i as u8; 64 << 10])).collect()
+}
+
+#[cfg(feature = "tracing")]
+#[test]
+fn samples_carry_the_innermost_span_with_the_component_layer() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    use tracing_subscriber::layer::SubscriberExt;
+    let subscriber = tracing_subscriber::registry().with(memtel::ComponentLayer::new());
+    let _guard = tracing::subscriber::set_default(subscriber);
+    memtel::alloc::set_heap_sample_interval(64 << 10);
+    let pages = tracing::info_span!("render", component = "browser").in_scope(render_pages);
+    let profile = memtel::profile::heap_profile();
+    let stacks = profile.symbolize();
+    let rendered: Vec<_> = profile
+        .samples
+        .iter()
+        .zip(&stacks)
+        .filter(|(_, names)| names.iter().any(|n| n.contains("render_pages")))
+        .map(|(s, _)| s)
+        .collect();
+    assert!(!rendered.is_empty(), "no sample from render_pages");
+    for s in rendered {
+        assert_eq!((s.component, s.span), ("browser", Some("render")), "{s:?}");
+    }
+    drop(pages);
+    memtel::alloc::set_heap_sample_interval(0);
 }

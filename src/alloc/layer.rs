@@ -75,6 +75,8 @@ struct SpanRecord {
     bytes: AtomicU64,
     count: AtomicU64,
     freed: AtomicU64,
+    /// The span's name (from its metadata, `'static`): pointer and length.
+    name: (std::sync::atomic::AtomicPtr<u8>, std::sync::atomic::AtomicUsize),
 }
 
 static POOL: Mutex<Vec<&'static SpanRecord>> = Mutex::new(Vec::new());
@@ -82,7 +84,7 @@ static SERIALS: AtomicU64 = AtomicU64::new(1);
 
 /// A record for a new span, from the pool or newly leaked (the pool only grows to the
 /// number of spans open at once).
-fn take_record(component: Option<u8>) -> (&'static SpanRecord, u64) {
+fn take_record(component: Option<u8>, name: &'static str) -> (&'static SpanRecord, u64) {
     let serial = SERIALS.fetch_add(1, Relaxed);
     let pooled = POOL.lock().unwrap_or_else(|p| p.into_inner()).pop();
     let record = pooled.unwrap_or_else(|| {
@@ -92,8 +94,11 @@ fn take_record(component: Option<u8>) -> (&'static SpanRecord, u64) {
             bytes: AtomicU64::new(0),
             count: AtomicU64::new(0),
             freed: AtomicU64::new(0),
+            name: Default::default(),
         }))
     });
+    record.name.0.store(name.as_ptr().cast_mut(), Relaxed);
+    record.name.1.store(name.len(), Relaxed);
     record.component.store(component.map_or(0, |slot| slot + 1), Relaxed);
     record.bytes.store(0, Relaxed);
     record.count.store(0, Relaxed);
@@ -232,7 +237,7 @@ where
             found: None,
         };
         attrs.record(&mut visitor);
-        let (record, serial) = take_record(visitor.found);
+        let (record, serial) = take_record(visitor.found, attrs.metadata().name());
         span.extensions_mut().insert(SpanHandle { record, serial });
         // Spans are usually entered on the thread that made them.
         cache_put(id.into_u64(), record, serial);
@@ -340,6 +345,29 @@ where
         record.serial.store(0, Release);
         POOL.lock().unwrap_or_else(|p| p.into_inner()).push(record);
     }
+}
+
+/// The name of the innermost span this thread has entered through the layer, if any: the
+/// heap profiler's `span` label. Never blocks: `None` while the layer is updating it.
+#[cfg(feature = "profiling")]
+pub(crate) fn innermost_span() -> Option<&'static str> {
+    STACK
+        .try_with(|stack| {
+            let stack = stack.try_borrow().ok()?;
+            let (entries, depth) = &*stack;
+            let entered = entries[..*depth].last()?.as_ref()?;
+            // SAFETY: records are leaked, never freed.
+            let record = unsafe { &*entered.record };
+            let (ptr, len) = (record.name.0.load(Relaxed), record.name.1.load(Relaxed));
+            if ptr.is_null() {
+                return None;
+            }
+            // SAFETY: pointer and length of a `&'static str` (a span's metadata name),
+            // stored together when the record was issued to this span.
+            Some(unsafe { std::str::from_utf8_unchecked(std::slice::from_raw_parts(ptr, len)) })
+        })
+        .ok()
+        .flatten()
 }
 
 /// A callsite of our own whose fields name the span attributes we record.

@@ -169,7 +169,11 @@ pub(crate) fn record(state: &ThreadState, ptr: *mut u8, size: usize, slot: u8) {
         });
     }
     let weight = scale(size);
-    with_table(|table| table.insert(ptr as usize, &frames[..depth], slot, size, weight));
+    #[cfg(feature = "tracing")]
+    let span = super::layer::innermost_span();
+    #[cfg(not(feature = "tracing"))]
+    let span = None;
+    with_table(|table| table.insert(ptr as usize, &frames[..depth], slot, span, size, weight));
     redraw(state);
     t.busy.set(false);
 }
@@ -219,6 +223,8 @@ struct Live {
 pub(crate) struct Stack {
     pub(crate) frames: Box<[usize]>,
     pub(crate) slot: u8,
+    /// The innermost span entered when it was sampled (with `ComponentLayer`).
+    pub(crate) span: Option<&'static str>,
     pub(crate) alloc_objects: f64,
     pub(crate) alloc_space: f64,
 }
@@ -226,13 +232,13 @@ pub(crate) struct Stack {
 #[derive(Default)]
 pub(crate) struct Table {
     live: HashMap<usize, Live>,
-    index: HashMap<(Box<[usize]>, u8), u32>,
+    index: HashMap<(Box<[usize]>, u8, Option<&'static str>), u32>,
     stacks: Vec<Stack>,
 }
 
 impl Table {
-    fn insert(&mut self, ptr: usize, frames: &[usize], slot: u8, size: usize, weight: f64) {
-        let key = (Box::<[usize]>::from(frames), slot);
+    fn insert(&mut self, ptr: usize, frames: &[usize], slot: u8, span: Option<&'static str>, size: usize, weight: f64) {
+        let key = (Box::<[usize]>::from(frames), slot, span);
         let stack = match self.index.get(&key) {
             Some(&i) => i,
             None => {
@@ -240,6 +246,7 @@ impl Table {
                 self.stacks.push(Stack {
                     frames: key.0.clone(),
                     slot,
+                    span,
                     alloc_objects: 0.0,
                     alloc_space: 0.0,
                 });

@@ -42,6 +42,9 @@ pub struct ProfileSample {
     pub frames: Vec<usize>,
     /// The component the allocations were attributed to.
     pub component: &'static str,
+    /// The innermost span entered when they were made (with
+    /// [`ComponentLayer`](crate::ComponentLayer) installed); `None` otherwise.
+    pub span: Option<&'static str>,
     /// Allocations made from this stack since sampling began (estimated).
     pub alloc_objects: f64,
     /// Bytes allocated from this stack since sampling began (estimated).
@@ -75,6 +78,7 @@ pub fn heap_profile() -> HeapProfile {
             samples.push(ProfileSample {
                 frames: stack.frames.to_vec(),
                 component: crate::alloc::registry::name(stack.slot),
+                span: stack.span,
                 alloc_objects: stack.alloc_objects,
                 alloc_space: stack.alloc_space,
                 inuse_objects,
@@ -126,22 +130,24 @@ impl HeapProfile {
     /// subtracted) and the change in what is in use; stacks without allocations in between
     /// are left out.
     pub fn since(&self, earlier: &HeapProfile) -> HeapProfile {
-        let before: HashMap<(&[usize], &str), &ProfileSample> = earlier
+        type Key<'a> = (&'a [usize], &'a str, Option<&'a str>);
+        let before: HashMap<Key<'_>, &ProfileSample> = earlier
             .samples
             .iter()
-            .map(|s| ((s.frames.as_slice(), s.component), s))
+            .map(|s| ((s.frames.as_slice(), s.component, s.span), s))
             .collect();
         let samples = self
             .samples
             .iter()
             .filter_map(|s| {
-                let old = before.get(&(s.frames.as_slice(), s.component));
+                let old = before.get(&(s.frames.as_slice(), s.component, s.span));
                 let (objects, space, inuse_o, inuse_s) = old.map_or((0.0, 0.0, 0.0, 0.0), |o| {
                     (o.alloc_objects, o.alloc_space, o.inuse_objects, o.inuse_space)
                 });
                 let delta = ProfileSample {
                     frames: s.frames.clone(),
                     component: s.component,
+                    span: s.span,
                     alloc_objects: s.alloc_objects - objects,
                     alloc_space: s.alloc_space - space,
                     inuse_objects: s.inuse_objects - inuse_o,
@@ -230,7 +236,8 @@ impl HeapProfile {
 
     /// The profile as pprof's `profile.proto`, gzipped: sample types `alloc_objects/count`,
     /// `alloc_space/bytes`, `inuse_objects/count`, `inuse_space/bytes` (Go's, in Go's
-    /// order), a `component` label on every sample, every location symbolized.
+    /// order), a `component` label on every sample and a `span` label where known, every
+    /// location symbolized.
     pub fn to_pprof(&self) -> Vec<u8> {
         let names = self.names();
         let mut strings = Strings::default();
@@ -277,6 +284,7 @@ impl HeapProfile {
         let mut locations: HashMap<usize, u64> = HashMap::new();
         let mut functions: HashMap<String, u64> = HashMap::new();
         let component_key = strings.get("component");
+        let span_key = strings.get("span");
         for s in &self.samples {
             let mut ids = Vec::new();
             for &addr in user_frames(&s.frames, &names) {
@@ -317,10 +325,15 @@ impl HeapProfile {
                     .iter()
                     .map(|v| v.round() as i64)
                     .collect(),
-                label: vec![proto::Label {
+                label: std::iter::once(proto::Label {
                     key: component_key,
                     str: strings.get(s.component),
-                }],
+                })
+                .chain(s.span.map(|span| proto::Label {
+                    key: span_key,
+                    str: strings.get(span),
+                }))
+                .collect(),
             });
         }
         profile.string_table = strings.list;
