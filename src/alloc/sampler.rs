@@ -229,10 +229,13 @@ pub(crate) struct Stack {
     pub(crate) alloc_space: f64,
 }
 
+/// What tells two sampled stacks apart: frames, component, span.
+type StackKey = (Box<[usize]>, u8, Option<&'static str>);
+
 #[derive(Default)]
 pub(crate) struct Table {
     live: HashMap<usize, Live>,
-    index: HashMap<(Box<[usize]>, u8, Option<&'static str>), u32>,
+    index: HashMap<StackKey, u32>,
     stacks: Vec<Stack>,
 }
 
