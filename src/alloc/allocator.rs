@@ -170,13 +170,10 @@ impl<A: GlobalAlloc> TrackingAllocator<A> {
     }
 
     /// Whether a tag marks a sampled allocation (only a profiling allocator makes them).
+    #[cfg(feature = "profiling")]
     #[inline(always)]
-    fn sampled(&self, _tag: u8) -> bool {
-        #[cfg(feature = "profiling")]
-        if self.profiling {
-            return _tag & sampler::SAMPLED != 0;
-        }
-        false
+    fn sampled(&self, tag: u8) -> bool {
+        self.profiling && tag & sampler::SAMPLED != 0
     }
 
     /// Allocates with a tag byte after the caller's memory.
