@@ -71,6 +71,8 @@ pub use snapshot::{
 };
 #[cfg(feature = "jemalloc")]
 pub use source::jemalloc::purge_jemalloc;
+#[cfg(feature = "jemalloc")]
+pub use source::pools::{memory_pools, ArenaPool, ClassPool};
 
 #[cfg(feature = "http")]
 pub use http::{

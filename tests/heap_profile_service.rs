@@ -100,6 +100,23 @@ fn the_heap_profile_is_served_in_every_format() {
         "the cache allocated {total} MB in 2 s:\n{alloc}\n{delta}"
     );
 
+    // The pools: every component arena, with its size classes.
+    let pools = get_json(&client, addr, "/debug/memory/pools");
+    let arenas = pools["arenas"].as_array().expect("arenas");
+    let cache = arenas
+        .iter()
+        .find(|a| a["component"] == "cache")
+        .unwrap_or_else(|| panic!("no arena for cache: {pools}"));
+    let classes = cache["classes"].as_array().expect("classes");
+    assert!(!classes.is_empty());
+    for class in classes {
+        let (live, held) = (
+            class["live_bytes"].as_u64().unwrap(),
+            class["held_bytes"].as_u64().unwrap(),
+        );
+        assert!(live <= held, "{class}");
+    }
+
     for (query, status) in [("?format=png", 400), ("?seconds=0", 400), ("?depth=3", 400)] {
         assert_eq!(get(&client, addr, query).0, status, "{query}");
     }

@@ -68,6 +68,11 @@ static HOOKS: [SlotHooks; SLOTS] = [const {
 }; SLOTS];
 
 /// `slot`'s arena index, if its arena exists.
+pub(crate) fn arena_index(slot: usize) -> Option<u32> {
+    index_of(slot)
+}
+
+/// `slot`'s arena index, if its arena exists.
 fn index_of(slot: usize) -> Option<u32> {
     match ARENAS[slot].load(Acquire) {
         0 | BUSY | FAILED => None,

@@ -82,6 +82,14 @@ pub fn component_arenas() -> usize {
     0
 }
 
+/// The jemalloc arena of each component that has one, by arena index.
+#[cfg(feature = "jemalloc")]
+pub(crate) fn component_arena_names() -> Vec<(u32, &'static str)> {
+    (0..counters::SLOTS)
+        .filter_map(|slot| Some((arenas::arena_index(slot)?, registry::name(slot as u8))))
+        .collect()
+}
+
 /// Bytes of freed small allocations the tracking allocator keeps in its per-thread lists
 /// for reuse (placement only; 0 with tags or another allocator than jemalloc).
 ///

@@ -27,8 +27,20 @@ fn hours(secs: f64) -> String {
     }
 }
 
-/// The recommendations for `trends` and the current snapshot `snap`.
-pub(crate) fn recommendations(trends: &Trends, snap: &Snapshot) -> Vec<String> {
+/// jemalloc's pools, read for the fragmentation recommendation.
+#[cfg(feature = "jemalloc")]
+pub(crate) type Pools = Vec<crate::source::pools::ArenaPool>;
+/// Without jemalloc there are no pools to read.
+#[cfg(not(feature = "jemalloc"))]
+pub(crate) type Pools = Vec<()>;
+
+/// Fragmentation (jemalloc resident ÷ allocated) above which the worst classes are named.
+#[cfg(feature = "jemalloc")]
+const FRAGMENTED: f64 = 1.5;
+
+/// The recommendations for `trends` and the current snapshot `snap`; `pools` are read
+/// (when jemalloc's are available) only if fragmentation is high.
+pub(crate) fn recommendations(trends: &Trends, snap: &Snapshot, pools: impl FnOnce() -> Option<Pools>) -> Vec<String> {
     let mut out = Vec::new();
     let window = hours(trends.window.as_secs_f64());
     let to_limit = |rate: f64| -> Option<String> {
@@ -71,6 +83,49 @@ pub(crate) fn recommendations(trends: &Trends, snap: &Snapshot) -> Vec<String> {
                 mb(j.allocated as f64),
                 mb(held as f64),
             ));
+        }
+    }
+    #[cfg(not(feature = "jemalloc"))]
+    drop(pools);
+    #[cfg(feature = "jemalloc")]
+    if let Some(j) = snap.jemalloc {
+        let ratio = j.fragmentation_ratio().unwrap_or(0.0);
+        if ratio >= FRAGMENTED && j.resident.saturating_sub(j.allocated) >= HELD_MIN_BYTES {
+            if let Some(pools) = pools() {
+                let mut classes: Vec<(u64, &crate::source::pools::ArenaPool, &crate::source::pools::ClassPool)> = pools
+                    .iter()
+                    .flat_map(|a| {
+                        a.classes
+                            .iter()
+                            .map(move |c| (c.held_bytes.saturating_sub(c.live_bytes), a, c))
+                    })
+                    .filter(|(waste, _, c)| *waste > 0 && c.held_bytes >= 2 * c.live_bytes)
+                    .collect();
+                classes.sort_by_key(|c| std::cmp::Reverse(c.0));
+                let worst: Vec<String> = classes
+                    .iter()
+                    .take(3)
+                    .map(|(_, a, c)| {
+                        format!(
+                            "{} B in arena {}{} ({} held in slabs for {} live, {:.0} % used)",
+                            c.size,
+                            a.index,
+                            a.component.map_or(String::new(), |n| format!(" (component `{n}`)")),
+                            mb(c.held_bytes as f64),
+                            mb(c.live_bytes as f64),
+                            c.utilization * 100.0
+                        )
+                    })
+                    .collect();
+                if !worst.is_empty() {
+                    out.push(format!(
+                        "Memory is fragmented (jemalloc resident {} for {} allocated, {ratio:.2}×); the worst size classes: {}. Long-lived allocations scattered among short-lived ones of the same size keep slabs alive.",
+                        mb(j.resident as f64),
+                        mb(j.allocated as f64),
+                        worst.join("; ")
+                    ));
+                }
+            }
         }
     }
     if trends.pressure_episodes >= EPISODES_MIN {
@@ -144,7 +199,7 @@ mod tests {
 
     #[test]
     fn nothing_measured_nothing_advised() {
-        assert_eq!(recommendations(&trends(), &snapshot()), Vec::<String>::new());
+        assert_eq!(recommendations(&trends(), &snapshot(), || None), Vec::<String>::new());
     }
 
     #[test]
@@ -157,7 +212,7 @@ mod tests {
             z: 4.2,
             fit: 0.9,
         };
-        let advice = recommendations(&t, &snapshot());
+        let advice = recommendations(&t, &snapshot(), || None);
         assert_eq!(advice.len(), 1, "{advice:?}");
         // (2048 − 500) MB at 10 MB/h: 154.8 h.
         for figure in ["`cache`", "10.0 MB/h", "Z 4.2", "100.0 MB", "154.8 h"] {
@@ -170,13 +225,13 @@ mod tests {
         let mut t = trends();
         t.growth.rate_bytes_per_sec = 100.0 * MB as f64 / 3600.0;
         t.time_to_limit = Some(Duration::from_secs(15 * 3600));
-        let advice = recommendations(&t, &snapshot());
+        let advice = recommendations(&t, &snapshot(), || None);
         assert!(
             advice.iter().any(|a| a.contains("100.0 MB/h") && a.contains("15.0 h")),
             "{advice:?}"
         );
         t.time_to_limit = Some(Duration::from_secs(30 * 3600));
-        assert!(recommendations(&t, &snapshot()).is_empty());
+        assert!(recommendations(&t, &snapshot(), || None).is_empty());
     }
 
     #[test]
@@ -192,7 +247,7 @@ mod tests {
             age: Duration::ZERO,
         };
         snap.jemalloc = Some(stats(600 * MB));
-        let advice = recommendations(&trends(), &snap);
+        let advice = recommendations(&trends(), &snap, || None);
         assert_eq!(advice.len(), 1, "{advice:?}");
         // 600 − 300 − 20 = 280 MB held.
         assert!(
@@ -201,7 +256,7 @@ mod tests {
         );
         // 40 MB held: below 64 MB, nothing said.
         snap.jemalloc = Some(stats(360 * MB));
-        assert!(recommendations(&trends(), &snap).is_empty());
+        assert!(recommendations(&trends(), &snap, || None).is_empty());
     }
 
     #[test]
@@ -211,7 +266,7 @@ mod tests {
         let mut snap = snapshot();
         snap.actions.cleanup_runs = 4;
         snap.actions.cleanup_freed_bytes = MB;
-        let advice = recommendations(&t, &snap);
+        let advice = recommendations(&t, &snap, || None);
         assert_eq!(advice.len(), 2, "{advice:?}");
         assert!(
             advice[0].contains("3 times") && advice[0].contains("600.0 MB"),
@@ -223,6 +278,6 @@ mod tests {
         );
         t.pressure_episodes = 2;
         snap.actions.cleanup_freed_bytes = 40 * MB;
-        assert!(recommendations(&t, &snap).is_empty());
+        assert!(recommendations(&t, &snap, || None).is_empty());
     }
 }

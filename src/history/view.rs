@@ -200,7 +200,12 @@ impl TrendsDocument {
                     .collect(),
             },
             anomalies,
-            recommendations: super::advice::recommendations(trends, snap),
+            recommendations: super::advice::recommendations(trends, snap, || {
+                #[cfg(feature = "jemalloc")]
+                return crate::memory_pools();
+                #[cfg(not(feature = "jemalloc"))]
+                None
+            }),
         }
     }
 }

@@ -31,7 +31,7 @@ use std::io::Write;
 use std::time::SystemTime;
 
 #[cfg(feature = "http")]
-pub use view::{debug_router, HEAP_PATH};
+pub use view::{debug_router, HEAP_PATH, POOLS_PATH};
 
 /// One sampled stack of a component, with its estimated totals.
 #[derive(Debug, Clone, PartialEq)]

@@ -14,6 +14,8 @@ use crate::http::ErrorBody;
 
 /// The path of the heap profile.
 pub const HEAP_PATH: &str = "/debug/pprof/heap";
+/// The path of jemalloc's memory pools, per arena and size class.
+pub const POOLS_PATH: &str = "/debug/memory/pools";
 
 /// The longest `seconds` a delta profile may ask for.
 const MAX_SECONDS: u64 = 300;
@@ -24,7 +26,10 @@ const MAX_SECONDS: u64 = 300;
 ///   (`go tool pprof http://host/debug/pprof/heap`);
 /// - `?format=svg`: a flamegraph of in-use bytes; `?format=folded`: folded stacks;
 /// - `?component=NAME`: that component's samples only;
-/// - `?seconds=N`: what the next N seconds allocated (a delta, as Go's).
+/// - `?seconds=N`: what the next N seconds allocated (a delta, as Go's);
+///
+/// and [`POOLS_PATH`]: jemalloc's pools per arena and size class (live regions, slabs,
+/// utilization, bytes held and live; dirty and muzzy pages) as JSON.
 ///
 /// With sampling off it answers 409 and a JSON error saying how to turn it on.
 ///
@@ -39,7 +44,23 @@ const MAX_SECONDS: u64 = 300;
 /// # let _ = app;
 /// ```
 pub fn debug_router() -> Router {
-    Router::new().route(HEAP_PATH, get(heap))
+    let router = Router::new().route(HEAP_PATH, get(heap));
+    #[cfg(feature = "jemalloc")]
+    let router = router.route(POOLS_PATH, get(pools));
+    router
+}
+
+/// `GET /debug/memory/pools`: [`memory_pools`](crate::memory_pools) as JSON
+/// `{"arenas": [...]}`; 503 without jemalloc stats.
+#[cfg(feature = "jemalloc")]
+async fn pools() -> Response {
+    match tokio::task::spawn_blocking(crate::memory_pools).await {
+        Ok(Some(arenas)) => Json(serde_json::json!({ "arenas": arenas })).into_response(),
+        _ => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "jemalloc stats are not available (jemalloc is not the global allocator)".into(),
+        ),
+    }
 }
 
 fn error(status: StatusCode, message: String) -> Response {

@@ -12,6 +12,8 @@ pub(crate) mod statm;
 
 #[cfg(feature = "jemalloc")]
 pub(crate) mod jemalloc;
+#[cfg(feature = "jemalloc")]
+pub(crate) mod pools;
 
 use std::fs::File;
 use std::path::Path;
