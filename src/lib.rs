@@ -54,6 +54,8 @@ mod snapshot;
 mod source;
 
 #[cfg(feature = "http")]
+pub mod auth;
+#[cfg(feature = "http")]
 mod http;
 
 #[cfg(feature = "tracing")]

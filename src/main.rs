@@ -96,17 +96,28 @@ fn main() -> ExitCode {
         history_interval_ms = settings.history.interval.as_millis() as u64,
         heap_profile_sample = settings.heap_profile_sample,
         debug_endpoints = settings.debug_endpoints,
+        auth = settings.auth.is_some(),
         "memtel serving {}",
         memtel::PROFILE_PATH
     );
 
     memtel::alloc::set_heap_sample_interval(settings.heap_profile_sample);
-    let mut app = axum::Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .merge(memtel::router(monitor));
+    let mut data = memtel::router(monitor);
     if settings.debug_endpoints {
-        app = app.merge(memtel::profile::debug_router());
+        data = data.merge(memtel::profile::debug_router());
     }
+    if let Some(auth) = &settings.auth {
+        data = auth.layer(data);
+    } else if !settings.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %settings.listen,
+            "serving memory figures on a non-loopback address without a token \
+             (--auth-token-file / MEMTEL_AUTH_TOKEN_FILE / server.auth_token_file, or MEMTEL_AUTH_TOKEN)"
+        );
+    }
+    let app = axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .merge(data);
     let served = runtime.block_on(async {
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown_signal())

@@ -111,6 +111,9 @@ struct Cli {
     /// Make the demo's cache keep this many MB per minute that it never evicts (a leak to find) [default: 0].
     #[arg(long, env = "MEMTEL_DEMO_LEAK_MB_PER_MIN", value_name = "MB")]
     demo_leak_mb_per_min: Option<String>,
+    /// File holding the bearer token every data route then requires (or set MEMTEL_AUTH_TOKEN) [default: none].
+    #[arg(long, env = "MEMTEL_AUTH_TOKEN_FILE", value_name = "PATH")]
+    auth_token_file: Option<String>,
     /// Mean bytes between two sampled allocations of the heap profiler, e.g. 512KiB, 1MiB; 0 turns it off [default: 512KiB].
     #[arg(long, env = "MEMTEL_HEAP_PROFILE_SAMPLE", value_name = "BYTES")]
     heap_profile_sample: Option<String>,
@@ -141,6 +144,8 @@ pub(crate) struct Settings {
     pub(crate) demo_leak_mb_per_min: f64,
     pub(crate) heap_profile_sample: u64,
     pub(crate) debug_endpoints: bool,
+    /// The bearer token data routes require, if any.
+    pub(crate) auth: Option<memtel::auth::BearerAuth>,
 }
 
 /// An invalid setting: the message names it, and the binary exits with status 2.
@@ -168,6 +173,7 @@ struct FileSettings {
 #[serde(deny_unknown_fields)]
 struct ServerSection {
     listen: Option<Scalar>,
+    auth_token_file: Option<Scalar>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -324,6 +330,14 @@ const DEMO_LEAK: Names = Names {
     env: "MEMTEL_DEMO_LEAK_MB_PER_MIN",
     yaml: "demo.leak_mb_per_min",
 };
+const AUTH_TOKEN_FILE: Names = Names {
+    id: "auth_token_file",
+    flag: "--auth-token-file",
+    env: "MEMTEL_AUTH_TOKEN_FILE",
+    yaml: "server.auth_token_file",
+};
+/// The token itself, for deployments that inject secrets as variables.
+const AUTH_TOKEN_ENV: &str = "MEMTEL_AUTH_TOKEN";
 const HEAP_SAMPLE: Names = Names {
     id: "heap_profile_sample",
     flag: "--heap-profile-sample",
@@ -489,7 +503,37 @@ impl Settings {
             }
         };
 
+        let auth = match resolve(&AUTH_TOKEN_FILE, &cli.auth_token_file, &file.server.auth_token_file) {
+            Some((from, path)) => {
+                let text = std::fs::read_to_string(path.trim())
+                    .map_err(|e| SettingsError(format!("cannot read {from} {path:?}: {e}")))?;
+                // The file's content is never echoed: it is the secret.
+                Some(memtel::auth::BearerAuth::new(&text).ok_or_else(|| {
+                    SettingsError(format!(
+                        "invalid {from} {path:?}: the file must hold one token of printable characters without spaces"
+                    ))
+                })?)
+            }
+            None => match std::env::var(AUTH_TOKEN_ENV) {
+                Ok(text) if !text.is_empty() => Some(memtel::auth::BearerAuth::new(&text).ok_or_else(|| {
+                    SettingsError(format!(
+                        "invalid {AUTH_TOKEN_ENV}: one token of printable characters without spaces expected"
+                    ))
+                })?),
+                _ => None,
+            },
+        };
+        if debug_endpoints && auth.is_none() && !listen.ip().is_loopback() {
+            return Err(SettingsError(format!(
+                "refusing to serve /debug/* on {listen}, a non-loopback address, without a token: \
+                 set --auth-token-file / {} / {} (or {AUTH_TOKEN_ENV}), listen on 127.0.0.1 \
+                 (--listen / MEMTEL_LISTEN / server.listen), or drop {} / {}",
+                AUTH_TOKEN_FILE.env, AUTH_TOKEN_FILE.yaml, DEBUG_ENDPOINTS.flag, DEBUG_ENDPOINTS.env
+            )));
+        }
+
         Ok(Settings {
+            auth,
             heap_profile_sample,
             debug_endpoints,
             history,
