@@ -57,6 +57,10 @@ mod source;
 pub mod auth;
 #[cfg(feature = "http")]
 mod http;
+#[cfg(feature = "http")]
+mod prometheus;
+#[cfg(feature = "http")]
+pub use prometheus::{metrics_router, prometheus_name, render as render_prometheus, METRICS_PATH};
 
 #[cfg(feature = "tracing")]
 pub use alloc::ComponentLayer;

@@ -102,7 +102,7 @@ fn main() -> ExitCode {
     );
 
     memtel::alloc::set_heap_sample_interval(settings.heap_profile_sample);
-    let mut data = memtel::router(monitor);
+    let mut data = memtel::router(monitor.clone()).merge(memtel::metrics_router(monitor));
     if settings.debug_endpoints {
         data = data.merge(memtel::profile::debug_router());
     }

@@ -137,6 +137,14 @@ pub struct MetricDef {
 
 type Observe = fn(&Snapshot, &mut dyn FnMut(Num, &[KeyValue]));
 
+impl MetricDef {
+    /// Calls `emit` with each data point this instrument observes in `snap`: the value
+    /// (as `f64`) and its attributes. The `/metrics` view reads the contract through it.
+    pub fn observe_into(&self, snap: &Snapshot, emit: &mut dyn FnMut(f64, &[KeyValue])) {
+        (self.observe)(snap, &mut |n, attrs| emit(n.as_f64(), attrs));
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Num {
     U(u64),

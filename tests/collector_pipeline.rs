@@ -986,3 +986,115 @@ fn compose_stack_references_only_files_that_exist() {
         );
     }
 }
+
+/// memtel's own `/metrics`, without a collector: the names and types the collector gives
+/// (the same lists as above), accepted by `promtool check metrics`, values equal to the JSON
+/// read at the same moment (1 %), and Prometheus scraping it directly answers every query of
+/// the provisioned dashboard.
+#[test]
+fn prometheus_scrapes_memtel_directly() {
+    let addr = free_addr();
+    let mut cmd = memtel();
+    cmd.args(["--listen", &addr.to_string(), "--history-interval", "1s"])
+        .env("OTEL_SDK_DISABLED", "true");
+    collector::die_with_parent(&mut cmd);
+    let mut proc = Proc::spawn(cmd, "memtel serving /metrics");
+    let client = service::client();
+    proc.wait_ready(&client, addr);
+    thread::sleep(Duration::from_secs(2));
+
+    // Names and types: the collector's.
+    let text = get_text(&http(), &format!("http://{addr}/metrics"));
+    let exposition = parse_exposition(&text);
+    let json = get_json(&client, addr, PROFILE);
+    let mut expected: BTreeMap<&str, &str> = NAMES.iter().copied().collect();
+    if json["kernel"].get("psi").is_some() {
+        expected.extend(PSI_NAMES.iter().copied());
+    }
+    if json["kernel"]["cgroup"]
+        .get("events")
+        .is_some_and(|e| e.as_object().is_some_and(|o| !o.is_empty()))
+    {
+        expected.extend(CGROUP_NAMES.iter().copied());
+    }
+    let names: BTreeSet<&str> = exposition.samples.iter().map(|s| s.name.as_str()).collect();
+    for (name, kind) in WHILE_GROWING {
+        if names.contains(name) {
+            expected.insert(name, kind);
+        }
+    }
+    assert_eq!(
+        names,
+        expected.keys().copied().collect::<BTreeSet<_>>(),
+        "/metrics names"
+    );
+    for (name, kind) in &expected {
+        assert_eq!(
+            exposition.types.get(*name).map(String::as_str),
+            Some(*kind),
+            "# TYPE of {name}"
+        );
+    }
+    for s in &exposition.samples {
+        assert_eq!(
+            s.labels.get("otel_scope_name").map(String::as_str),
+            Some("memtel"),
+            "{s:?}"
+        );
+    }
+
+    // promtool accepts it.
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (scripts/install-prometheus.sh)");
+    std::io::Write::write_all(&mut check.stdin.take().expect("stdin"), text.as_bytes()).expect("write");
+    let out = check.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Values equal the JSON read at the same moment: the two share a snapshot when they are
+    // read within its 5 ms window, so retry until a pair does (1 %, or the JSON's rounding).
+    let mut last = String::new();
+    let agreed = (0..VALUE_TRIES * 5).any(|_| {
+        let text = get_text(&http(), &format!("http://{addr}/metrics"));
+        let json = get_json(&client, addr, PROFILE);
+        let mut exposition = parse_exposition(&text);
+        for s in &mut exposition.samples {
+            s.labels.insert("job".into(), "direct".into());
+        }
+        match figures(&exposition, "direct", &json) {
+            Ok(figures) => {
+                let off: Vec<String> = figures
+                    .iter()
+                    .filter(|(_, scraped, json, slack)| (scraped - json).abs() > (0.01 * json.abs()).max(*slack))
+                    .map(|(what, scraped, json, _)| format!("{what}: {scraped} vs {json}"))
+                    .collect();
+                last = off.join("; ");
+                off.is_empty()
+            }
+            Err(e) => {
+                last = e;
+                false
+            }
+        }
+    });
+    assert!(agreed, "/metrics never agreed with the JSON within 1 %: {last}");
+
+    // Prometheus scrapes it and every dashboard panel gets data.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut prometheus, prom_addr) = start_prometheus(addr, dir.path());
+    for (title, expr) in dashboard_queries() {
+        let result = promql_until(&mut prometheus, prom_addr, &expr);
+        assert!(!result.is_empty(), "panel {title}: {expr}");
+    }
+    prometheus.assert_running();
+    proc.terminate();
+}

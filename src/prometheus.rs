@@ -1,0 +1,150 @@
+//! `GET /metrics`: one snapshot in Prometheus's text exposition format (OpenMetrics when the
+//! scraper asks for it), encoded by the official `prometheus-client` crate.
+//!
+//! Names, types and labels are the ones the OpenTelemetry Collector's Prometheus exporter
+//! gives the same instruments (README's table): dots become underscores; unit `By` adds
+//! `_bytes`, `By/s` `_bytes_per_second`, `s` `_seconds`; a gauge of unit `1` adds `_ratio`
+//! (an up-down counter does not); units in braces add nothing; counters end in `_total`;
+//! every series carries `otel_scope_name`, `otel_scope_version` and `otel_scope_schema_url`.
+//! Use it when Prometheus scrapes the service directly; with a collector in between, the
+//! collector's own exporter gives the same series.
+
+use std::sync::atomic::{AtomicI64, AtomicU64};
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::otel::{Instrument, METRICS};
+use crate::snapshot::Snapshot;
+use crate::MemoryMonitor;
+
+/// The path of the exposition.
+pub const METRICS_PATH: &str = "/metrics";
+
+type Labels = Vec<(String, String)>;
+
+/// An axum router serving [`METRICS_PATH`] from `monitor`'s snapshots.
+///
+/// ```no_run
+/// # #[global_allocator]
+/// # static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+/// let monitor = memtel::MemoryMonitor::new();
+/// let app: axum::Router = axum::Router::new()
+///     .merge(memtel::router(monitor.clone()))
+///     .merge(memtel::metrics_router(monitor));
+/// # let _ = app;
+/// ```
+pub fn metrics_router(monitor: MemoryMonitor) -> Router {
+    Router::new().route(METRICS_PATH, get(metrics)).with_state(monitor)
+}
+
+async fn metrics(State(monitor): State<MemoryMonitor>, headers: HeaderMap) -> Response {
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("application/openmetrics-text"));
+    let snap = monitor.snapshot();
+    match render(&snap, openmetrics) {
+        Ok(body) => {
+            let content_type = if openmetrics {
+                "application/openmetrics-text; version=1.0.0; charset=utf-8"
+            } else {
+                prometheus_client::encoding::prometheus_text::CONTENT_TYPE
+            };
+            ([(header::CONTENT_TYPE, HeaderValue::from_static(content_type))], body).into_response()
+        }
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode the metrics: {e}\n"),
+        )
+            .into_response(),
+    }
+}
+
+/// The Prometheus name of an instrument, without the `_total` a counter gets on encoding.
+pub fn prometheus_name(name: &str, unit: &str, instrument: Instrument) -> String {
+    let mut out = name.replace('.', "_");
+    let gauge = matches!(instrument, Instrument::GaugeI64 | Instrument::GaugeF64);
+    match unit {
+        "By" => out.push_str("_bytes"),
+        "By/s" => out.push_str("_bytes_per_second"),
+        "s" => out.push_str("_seconds"),
+        "1" if gauge => out.push_str("_ratio"),
+        _ => {}
+    }
+    out
+}
+
+/// One snapshot as text: Prometheus 0.0.4, or OpenMetrics 1.0.
+///
+/// # Errors
+/// Only a formatting error of the encoder.
+pub fn render(snap: &Snapshot, openmetrics: bool) -> Result<String, std::fmt::Error> {
+    let mut registry = Registry::default();
+    let scope = [
+        ("otel_scope_name".to_owned(), "memtel".to_owned()),
+        ("otel_scope_schema_url".to_owned(), String::new()),
+        ("otel_scope_version".to_owned(), env!("CARGO_PKG_VERSION").to_owned()),
+    ];
+    for def in METRICS {
+        let mut points: Vec<(f64, Labels)> = Vec::new();
+        def.observe_into(snap, &mut |value, attrs| {
+            let mut labels: Labels = attrs
+                .iter()
+                .map(|kv| (kv.key.as_str().replace('.', "_"), kv.value.as_str().into_owned()))
+                .collect();
+            labels.extend(scope.iter().cloned());
+            labels.sort();
+            points.push((value, labels));
+        });
+        if points.is_empty() {
+            continue;
+        }
+        let name = prometheus_name(def.name, def.unit, def.instrument);
+        let help = def.description.trim_end_matches('.');
+        match def.instrument {
+            Instrument::CounterU64 => {
+                let family = Family::<Labels, Counter<u64>>::default();
+                for (value, labels) in &points {
+                    family.get_or_create(labels).inc_by(*value as u64);
+                }
+                registry.register(name, help, family);
+            }
+            Instrument::CounterF64 => {
+                let family = Family::<Labels, Counter<f64, AtomicU64>>::default();
+                for (value, labels) in &points {
+                    family.get_or_create(labels).inc_by(*value);
+                }
+                registry.register(name, help, family);
+            }
+            Instrument::GaugeF64 => {
+                let family = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+                for (value, labels) in &points {
+                    family.get_or_create(labels).set(*value);
+                }
+                registry.register(name, help, family);
+            }
+            Instrument::UpDownCounterI64 | Instrument::GaugeI64 => {
+                let family = Family::<Labels, Gauge<i64, AtomicI64>>::default();
+                for (value, labels) in &points {
+                    family.get_or_create(labels).set(*value as i64);
+                }
+                registry.register(name, help, family);
+            }
+        }
+    }
+    let mut out = String::new();
+    if openmetrics {
+        prometheus_client::encoding::text::encode(&mut out, &registry)?;
+    } else {
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)?;
+    }
+    Ok(out)
+}
