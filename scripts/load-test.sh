@@ -18,7 +18,7 @@ cargo build --release --quiet --bin memtel
 bin="${CARGO_TARGET_DIR:-target}/release/memtel"
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-OTEL_METRICS_EXPORTER=none OTEL_TRACES_EXPORTER=none RUST_LOG=warn "$bin" --listen "127.0.0.1:$port" &
+OTEL_METRICS_EXPORTER=none OTEL_TRACES_EXPORTER=none RUST_LOG=warn "$bin" --listen "127.0.0.1:$port" --rate-limit 0 &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null' EXIT
 for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done

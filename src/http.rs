@@ -41,7 +41,22 @@ const MIB: f64 = 1_048_576.0;
 /// # }
 /// ```
 pub fn router(monitor: MemoryMonitor) -> Router {
-    let history = Router::new()
+    profile_router(monitor.clone()).merge(history_router(monitor))
+}
+
+/// The profile route alone ([`PROFILE_PATH`]): one snapshot, cheap to serve.
+pub fn profile_router(monitor: MemoryMonitor) -> Router {
+    Router::new()
+        .route(PROFILE_PATH, get(profile).fallback(method_not_allowed))
+        .with_state(Arc::new(Rendered {
+            monitor,
+            latest: Mutex::new(None),
+        }))
+}
+
+/// The history and trends routes alone: their cost grows with the window asked for.
+pub fn history_router(monitor: MemoryMonitor) -> Router {
+    Router::new()
         .route(
             crate::history::HISTORY_PATH,
             get(crate::history::history_route).fallback(method_not_allowed),
@@ -50,14 +65,7 @@ pub fn router(monitor: MemoryMonitor) -> Router {
             crate::history::TRENDS_PATH,
             get(crate::history::trends_route).fallback(method_not_allowed),
         )
-        .with_state(monitor.clone());
-    Router::new()
-        .route(PROFILE_PATH, get(profile).fallback(method_not_allowed))
-        .with_state(Arc::new(Rendered {
-            monitor,
-            latest: Mutex::new(None),
-        }))
-        .merge(history)
+        .with_state(monitor)
 }
 
 /// The monitor and the document rendered for its latest snapshot: requests that

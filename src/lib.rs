@@ -82,6 +82,6 @@ pub use source::pools::{memory_pools, ArenaPool, ClassPool};
 
 #[cfg(feature = "http")]
 pub use http::{
-    router, CgroupProfile, ErrorBody, JemallocProfile, KernelProfile, MemoryProfile, ProfileStats, PsiLineProfile,
-    PsiProfile, TrackingProfile, PROFILE_PATH,
+    history_router, profile_router, router, CgroupProfile, ErrorBody, JemallocProfile, KernelProfile, MemoryProfile,
+    ProfileStats, PsiLineProfile, PsiProfile, TrackingProfile, PROFILE_PATH,
 };

@@ -10,7 +10,7 @@ use memtel::{MemoryManager, MemoryMonitor};
 
 use service::pipeline::{OtelSettings, Pipeline};
 use service::settings::Settings;
-use service::{demo, diagnostics};
+use service::{demo, diagnostics, limits};
 
 /// Every heap byte attributed to the component that allocated it, served by jemalloc;
 /// allocations sampled for heap profiles (`--heap-profile-sample`).
@@ -97,15 +97,18 @@ fn main() -> ExitCode {
         heap_profile_sample = settings.heap_profile_sample,
         debug_endpoints = settings.debug_endpoints,
         auth = settings.auth.is_some(),
+        rate_limit = settings.rate_limit,
         "memtel serving {}",
         memtel::PROFILE_PATH
     );
 
     memtel::alloc::set_heap_sample_interval(settings.heap_profile_sample);
-    let mut data = memtel::router(monitor.clone()).merge(memtel::metrics_router(monitor));
+    let cheap = memtel::profile_router(monitor.clone()).merge(memtel::metrics_router(monitor.clone()));
+    let mut expensive = memtel::history_router(monitor);
     if settings.debug_endpoints {
-        data = data.merge(memtel::profile::debug_router());
+        expensive = expensive.merge(memtel::profile::debug_router());
     }
+    let mut data = limits::apply(cheap, expensive, settings.rate_limit);
     if let Some(auth) = &settings.auth {
         data = auth.layer(data);
     } else if !settings.listen.ip().is_loopback() {
@@ -119,9 +122,13 @@ fn main() -> ExitCode {
         .route("/healthz", get(|| async { "ok\n" }))
         .merge(data);
     let served = runtime.block_on(async {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown_signal())
-            .await
+        // The peer address keys the per-client rate limit.
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown_signal())
+        .await
     });
     // Flush while the runtime still runs: the gRPC exporter's channel lives on it.
     pipeline.shutdown(FLUSH_TIMEOUT);

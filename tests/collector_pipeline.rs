@@ -995,8 +995,16 @@ fn compose_stack_references_only_files_that_exist() {
 fn prometheus_scrapes_memtel_directly() {
     let addr = free_addr();
     let mut cmd = memtel();
-    cmd.args(["--listen", &addr.to_string(), "--history-interval", "1s"])
-        .env("OTEL_SDK_DISABLED", "true");
+    // No rate limit: the values are compared over up to a hundred quick pairs of requests.
+    cmd.args([
+        "--listen",
+        &addr.to_string(),
+        "--history-interval",
+        "1s",
+        "--rate-limit",
+        "0",
+    ])
+    .env("OTEL_SDK_DISABLED", "true");
     collector::die_with_parent(&mut cmd);
     let mut proc = Proc::spawn(cmd, "memtel serving /metrics");
     let client = service::client();

@@ -111,6 +111,9 @@ struct Cli {
     /// Make the demo's cache keep this many MB per minute that it never evicts (a leak to find) [default: 0].
     #[arg(long, env = "MEMTEL_DEMO_LEAK_MB_PER_MIN", value_name = "MB")]
     demo_leak_mb_per_min: Option<String>,
+    /// Requests per second each client address may make to memtel's routes, bursts of twice that; the history, trends and debug routes allow a tenth; 0 turns it off [default: 100].
+    #[arg(long, env = "MEMTEL_RATE_LIMIT", value_name = "N")]
+    rate_limit: Option<String>,
     /// File holding the bearer token every data route then requires (or set MEMTEL_AUTH_TOKEN) [default: none].
     #[arg(long, env = "MEMTEL_AUTH_TOKEN_FILE", value_name = "PATH")]
     auth_token_file: Option<String>,
@@ -146,6 +149,8 @@ pub(crate) struct Settings {
     pub(crate) debug_endpoints: bool,
     /// The bearer token data routes require, if any.
     pub(crate) auth: Option<memtel::auth::BearerAuth>,
+    /// Requests per second per client (0: off).
+    pub(crate) rate_limit: u64,
 }
 
 /// An invalid setting: the message names it, and the binary exits with status 2.
@@ -174,6 +179,7 @@ struct FileSettings {
 struct ServerSection {
     listen: Option<Scalar>,
     auth_token_file: Option<Scalar>,
+    rate_limit: Option<Scalar>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -329,6 +335,12 @@ const DEMO_LEAK: Names = Names {
     flag: "--demo-leak-mb-per-min",
     env: "MEMTEL_DEMO_LEAK_MB_PER_MIN",
     yaml: "demo.leak_mb_per_min",
+};
+const RATE_LIMIT: Names = Names {
+    id: "rate_limit",
+    flag: "--rate-limit",
+    env: "MEMTEL_RATE_LIMIT",
+    yaml: "server.rate_limit",
 };
 const AUTH_TOKEN_FILE: Names = Names {
     id: "auth_token_file",
@@ -532,7 +544,25 @@ impl Settings {
             )));
         }
 
+        let rate_limit = resolve(&RATE_LIMIT, &cli.rate_limit, &file.server.rate_limit)
+            .map(|(from, text)| {
+                text.trim()
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|n| *n <= 1_000_000)
+                    .ok_or_else(|| {
+                        invalid(
+                            from,
+                            &text,
+                            "expected requests per second, a whole number up to 1000000 (0 turns it off)",
+                        )
+                    })
+            })
+            .transpose()?
+            .unwrap_or(100);
+
         Ok(Settings {
+            rate_limit,
             auth,
             heap_profile_sample,
             debug_endpoints,
