@@ -58,6 +58,8 @@ pub mod auth;
 #[cfg(feature = "http")]
 mod http;
 #[cfg(feature = "http")]
+pub mod page;
+#[cfg(feature = "http")]
 mod prometheus;
 #[cfg(feature = "http")]
 pub use prometheus::{metrics_router, prometheus_name, render as render_prometheus, METRICS_PATH};

@@ -118,8 +118,10 @@ fn main() -> ExitCode {
              (--auth-token-file / MEMTEL_AUTH_TOKEN_FILE / server.auth_token_file, or MEMTEL_AUTH_TOKEN)"
         );
     }
+    // The page's HTML holds no figures: open, like /healthz; it reads the data routes.
     let app = axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .merge(memtel::page::page_router())
         .merge(data);
     let served = runtime.block_on(async {
         // The peer address keys the per-client rate limit.
