@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Requests per second of GET /api/v1/memory/profile vs the bare GET /healthz of the same
-# release binary, measured with wrk in alternating rounds. Prints a table and the ratio.
+# Requests per second of memtel's routes vs the bare GET /healthz of the same release
+# binary, measured with wrk in alternating rounds. Prints a table and the ratios.
 #
 #   scripts/load-test.sh [seconds per round, default 10] [rounds, default 3]
+#   ROUTES="/metrics /memory" scripts/load-test.sh 5 3      # other routes
+#   RATE_LIMIT=1000000 scripts/load-test.sh                 # the rate limiter on, never refusing
+#
+# ROUTES defaults to the profile. RATE_LIMIT (default 0, off) is passed as --rate-limit.
 #
 # Installs wrk from Debian's packages when it is missing. Not run by CI: timings belong
 # in BENCHMARKS.md, not in tests.
@@ -18,20 +22,24 @@ cargo build --release --quiet --bin memtel
 bin="${CARGO_TARGET_DIR:-target}/release/memtel"
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-OTEL_METRICS_EXPORTER=none OTEL_TRACES_EXPORTER=none RUST_LOG=warn "$bin" --listen "127.0.0.1:$port" --rate-limit 0 &
+OTEL_METRICS_EXPORTER=none OTEL_TRACES_EXPORTER=none RUST_LOG=warn "$bin" --listen "127.0.0.1:$port" --rate-limit "${RATE_LIMIT:-0}" &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null' EXIT
 for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
 
 rps() { wrk -t1 -c32 -d"${secs}s" --latency "http://127.0.0.1:$port$1" | awk '/Requests\/sec/ {print $2}'; }
 
-echo "round  healthz_rps  profile_rps  ratio"
-sum=0
-for r in $(seq "$rounds"); do
-  h=$(rps /healthz)
-  p=$(rps /api/v1/memory/profile)
-  ratio=$(python3 -c "print(f'{$p/$h:.3f}')")
-  echo "$r      $h     $p     $ratio"
-  sum=$(python3 -c "print($sum+$ratio)")
+routes=${ROUTES:-/api/v1/memory/profile}
+for route in $routes; do
+  echo "route $route (rate limit ${RATE_LIMIT:-0})"
+  echo "round  healthz_rps  route_rps  ratio"
+  sum=0
+  for r in $(seq "$rounds"); do
+    h=$(rps /healthz)
+    p=$(rps "$route")
+    ratio=$(python3 -c "print(f'{$p/$h:.3f}')")
+    echo "$r      $h     $p     $ratio"
+    sum=$(python3 -c "print($sum+$ratio)")
+  done
+  python3 -c "print(f'mean $route/healthz ratio over $rounds rounds: {$sum/$rounds:.3f}')"
 done
-python3 -c "print(f'mean profile/healthz ratio over $rounds rounds: {$sum/$rounds:.3f}')"

@@ -10,7 +10,9 @@
 //! collector's own exporter gives the same series.
 
 use std::sync::atomic::{AtomicI64, AtomicU64};
+use std::sync::{Arc, Mutex};
 
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -42,16 +44,43 @@ type Labels = Vec<(String, String)>;
 /// # let _ = app;
 /// ```
 pub fn metrics_router(monitor: MemoryMonitor) -> Router {
-    Router::new().route(METRICS_PATH, get(metrics)).with_state(monitor)
+    Router::new()
+        .route(METRICS_PATH, get(metrics))
+        .with_state(Arc::new(Rendered {
+            monitor,
+            latest: Mutex::new(None),
+        }))
 }
 
-async fn metrics(State(monitor): State<MemoryMonitor>, headers: HeaderMap) -> Response {
+/// The monitor and the exposition rendered for its latest snapshot (one per format):
+/// scrapes that share a snapshot (within its cache window) share the text too.
+struct Rendered {
+    monitor: MemoryMonitor,
+    latest: Mutex<Option<(Arc<Snapshot>, bool, Bytes)>>,
+}
+
+async fn metrics(State(rendered): State<Arc<Rendered>>, headers: HeaderMap) -> Response {
     let openmetrics = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|accept| accept.contains("application/openmetrics-text"));
-    let snap = monitor.snapshot();
-    match render(&snap, openmetrics) {
+    let snap = rendered.monitor.snapshot();
+    let cached = rendered
+        .latest
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .filter(|(s, format, _)| Arc::ptr_eq(s, &snap) && *format == openmetrics)
+        .map(|(_, _, body)| body.clone());
+    let body = match cached {
+        Some(body) => Ok(body),
+        None => render(&snap, openmetrics).map(|text| {
+            let body = Bytes::from(text);
+            *rendered.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some((snap, openmetrics, body.clone()));
+            body
+        }),
+    };
+    match body {
         Ok(body) => {
             let content_type = if openmetrics {
                 "application/openmetrics-text; version=1.0.0; charset=utf-8"

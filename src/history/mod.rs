@@ -178,6 +178,13 @@ struct Inner {
     /// The trends over the default window as of the latest sample, and the components
     /// suspected then (for the events on change).
     latest: Mutex<Latest>,
+    /// Samples recorded so far: what the caches below are keyed on, with the query.
+    records: std::sync::atomic::AtomicU64,
+    /// The last trends judged, and for which window and record count: polls between two
+    /// samples share one judgement.
+    trends_cache: Mutex<Option<(Duration, u64, Arc<Trends>)>>,
+    /// The last samples answered, likewise.
+    samples_cache: Mutex<Option<(Duration, Option<Duration>, u64, Arc<Samples>)>>,
 }
 
 impl std::fmt::Debug for History {
@@ -221,6 +228,9 @@ impl History {
                 store: RwLock::new(store::Store::new(ms(config.interval), ms(config.retention))),
                 config,
                 latest: Mutex::new((None, Vec::new())),
+                records: std::sync::atomic::AtomicU64::new(0),
+                trends_cache: Mutex::new(None),
+                samples_cache: Mutex::new(None),
             }),
         })
     }
@@ -250,6 +260,11 @@ impl History {
             components: &components,
         };
         self.inner.store.write().unwrap_or_else(|p| p.into_inner()).add(&record);
+        self.inner.records.fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    fn records(&self) -> u64 {
+        self.inner.records.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Judges the trends over the default window as of now, keeps them for
@@ -297,6 +312,24 @@ impl History {
     /// A zero window or one longer than the retention; a zero step, one longer than the
     /// window, or one finer than the resolution kept for the window.
     pub fn samples(&self, window: Duration, step: Option<Duration>) -> Result<Samples, QueryError> {
+        let records = self.records();
+        if let Some((_, _, _, cached)) = self
+            .inner
+            .samples_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .filter(|(w, s, r, _)| *w == window && *s == step && *r == records)
+        {
+            return Ok((**cached).clone());
+        }
+        let samples = self.samples_uncached(window, step)?;
+        *self.inner.samples_cache.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((window, step, records, Arc::new(samples.clone())));
+        Ok(samples)
+    }
+
+    fn samples_uncached(&self, window: Duration, step: Option<Duration>) -> Result<Samples, QueryError> {
         self.check_window(window)?;
         let store = self.inner.store.read().unwrap_or_else(|p| p.into_inner());
         let now = unix_ms(SystemTime::now());
@@ -342,10 +375,26 @@ impl History {
     /// A zero window or one longer than the retention.
     pub fn trends(&self, window: Duration) -> Result<Trends, QueryError> {
         self.check_window(window)?;
-        let store = self.inner.store.read().unwrap_or_else(|p| p.into_inner());
-        let now = unix_ms(SystemTime::now());
-        let (_, points) = store.points_since(now.saturating_sub(ms(window)), now);
-        Ok(trends::judge(window, &points, store.names(), &self.inner.config.leak))
+        let records = self.records();
+        if let Some((_, _, cached)) = self
+            .inner
+            .trends_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .filter(|(w, r, _)| *w == window && *r == records)
+        {
+            return Ok((**cached).clone());
+        }
+        let judged = {
+            let store = self.inner.store.read().unwrap_or_else(|p| p.into_inner());
+            let now = unix_ms(SystemTime::now());
+            let (_, points) = store.points_since(now.saturating_sub(ms(window)), now);
+            trends::judge(window, &points, store.names(), &self.inner.config.leak)
+        };
+        *self.inner.trends_cache.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((window, records, Arc::new(judged.clone())));
+        Ok(judged)
     }
 
     /// Bytes the history holds on the heap, by its own count (see README for the bound).
