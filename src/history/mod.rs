@@ -163,6 +163,9 @@ pub enum QueryError {
     Step(String),
 }
 
+/// The last samples answered: window, step, record count, samples.
+type SamplesCache = (Duration, Option<Duration>, u64, Arc<Samples>);
+
 /// The trends as of the latest judgement, and the components suspected then.
 type Latest = (Option<Arc<Trends>>, Vec<Arc<str>>);
 
@@ -184,7 +187,7 @@ struct Inner {
     /// samples share one judgement.
     trends_cache: Mutex<Option<(Duration, u64, Arc<Trends>)>>,
     /// The last samples answered, likewise.
-    samples_cache: Mutex<Option<(Duration, Option<Duration>, u64, Arc<Samples>)>>,
+    samples_cache: Mutex<Option<SamplesCache>>,
 }
 
 impl std::fmt::Debug for History {
