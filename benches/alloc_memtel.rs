@@ -9,23 +9,12 @@
 mod workloads;
 
 use memtel::alloc::TrackingAllocator;
-use memtel::Component;
-use workloads::{DomCorpus, NoScope, Scope};
+use workloads::{DomCorpus, InComponent, NoScope};
 
 #[global_allocator]
 static GLOBAL: TrackingAllocator<tikv_jemallocator::Jemalloc> = TrackingAllocator::new(tikv_jemallocator::Jemalloc);
 
 const NAME: &str = "memtel";
-
-/// Both workers (of `realistic` and `dom`) attribute to one component, as a service's
-/// request handlers would.
-struct InComponent(Component);
-
-impl Scope for InComponent {
-    fn run<R>(&self, _worker: usize, f: impl FnOnce() -> R) -> R {
-        self.0.in_scope(f)
-    }
-}
 
 fn main() {
     let scope = InComponent(memtel::component("workload"));

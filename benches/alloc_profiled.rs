@@ -10,20 +10,11 @@
 mod workloads;
 
 use memtel::alloc::TrackingAllocator;
-use memtel::Component;
-use workloads::{DomCorpus, Scope};
+use workloads::{DomCorpus, InComponent};
 
 #[global_allocator]
 static GLOBAL: TrackingAllocator<tikv_jemallocator::Jemalloc> =
     TrackingAllocator::new(tikv_jemallocator::Jemalloc).with_heap_profiling();
-
-struct InComponent(Component);
-
-impl Scope for InComponent {
-    fn run<R>(&self, _worker: usize, f: impl FnOnce() -> R) -> R {
-        self.0.in_scope(f)
-    }
-}
 
 fn main() {
     let scope = InComponent(memtel::component("workload"));

@@ -3,7 +3,11 @@
 #![cfg(all(feature = "profiling", feature = "jemalloc"))]
 
 use std::hint::black_box;
-use std::process::Command;
+
+#[path = "support/pprof.rs"]
+mod pprof;
+
+use pprof::go_pprof;
 
 #[global_allocator]
 static GLOBAL: memtel::alloc::TrackingAllocator<tikv_jemallocator::Jemalloc> =
@@ -153,23 +157,6 @@ fn profiles_attribute_known_bytes_to_their_functions_and_components() {
     assert_eq!(delta_cache, 0.0);
     drop((held_api, more));
     memtel::alloc::set_heap_sample_interval(0);
-}
-
-fn go_pprof(args: &[&str], file: &std::path::Path) -> String {
-    let out = Command::new("go")
-        .args(["tool", "pprof"])
-        .args(args)
-        .arg(file)
-        .env("HOME", std::env::temp_dir())
-        .output()
-        .expect("go tool pprof (the Go toolchain)");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "go tool pprof failed: {}\n{text}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
 }
 
 #[inline(never)]

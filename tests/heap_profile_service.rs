@@ -3,12 +3,14 @@
 //! component's samples, and a delta over `seconds=2`.
 #![cfg(all(feature = "service", target_os = "linux"))]
 
+#[path = "support/pprof.rs"]
+mod pprof;
 #[path = "support/service.rs"]
 mod service;
 
-use std::process::Command;
 use std::time::Duration;
 
+use pprof::go_pprof;
 use service::*;
 
 const HEAP: &str = "/debug/pprof/heap";
@@ -23,33 +25,32 @@ fn get(client: &reqwest::blocking::Client, addr: std::net::SocketAddr, query: &s
     (status, response.bytes().expect("body").to_vec())
 }
 
-#[test]
-fn debug_routes_are_off_unless_asked_for() {
+/// The service with `args`, ready, exporting nothing.
+fn start(args: &[&str], what: &str) -> (Proc, std::net::SocketAddr) {
     let addr = free_addr();
     let mut cmd = memtel();
     cmd.args(["--listen", &addr.to_string()])
+        .args(args)
         .env("OTEL_SDK_DISABLED", "true");
-    let mut proc = Proc::spawn(cmd, "memtel without --debug-endpoints");
+    let mut proc = Proc::spawn(cmd, what);
     proc.wait_ready(&client(), addr);
+    (proc, addr)
+}
+
+#[test]
+fn debug_routes_are_off_unless_asked_for() {
+    let (proc, addr) = start(&[], "memtel without --debug-endpoints");
     assert_eq!(get(&client(), addr, "").0, 404);
     proc.terminate();
 }
 
 #[test]
 fn the_heap_profile_is_served_in_every_format() {
-    let addr = free_addr();
-    let mut cmd = memtel();
-    cmd.args([
-        "--listen",
-        &addr.to_string(),
-        "--debug-endpoints",
-        "--heap-profile-sample",
-        "64KiB",
-    ])
-    .env("OTEL_SDK_DISABLED", "true");
-    let mut proc = Proc::spawn(cmd, "memtel --debug-endpoints");
+    let (proc, addr) = start(
+        &["--debug-endpoints", "--heap-profile-sample", "64KiB"],
+        "memtel --debug-endpoints",
+    );
     let client = client();
-    proc.wait_ready(&client, addr);
     // The demo's components fill up.
     std::thread::sleep(Duration::from_secs(8));
 
@@ -59,10 +60,10 @@ fn the_heap_profile_is_served_in_every_format() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("heap.pb.gz");
     std::fs::write(&file, &body).expect("write");
-    let top = pprof(&["-top", "-sample_index=inuse_space"], &file);
+    let top = go_pprof(&["-top", "-sample_index=inuse_space"], &file);
     // The demo's allocations come from its step function, with its components as labels.
     assert!(top.contains("demo::step"), "{top}");
-    let tags = pprof(&["-tags"], &file);
+    let tags = go_pprof(&["-tags"], &file);
     for component in ["cache", "browser", "extraction"] {
         assert!(tags.contains(component), "{component} not among the labels:\n{tags}");
     }
@@ -93,7 +94,7 @@ fn the_heap_profile_is_served_in_every_format() {
     let (status, delta_pb) = get(&client, addr, "?seconds=2&component=cache");
     assert_eq!(status, 200);
     std::fs::write(&file, &delta_pb).expect("write");
-    let alloc = pprof(&["-top", "-sample_index=alloc_space"], &file);
+    let alloc = go_pprof(&["-top", "-sample_index=alloc_space"], &file);
     let total = total_mb(&alloc).unwrap_or_else(|| panic!("no total in\n{alloc}"));
     assert!(
         (10.0..=40.0).contains(&total),
@@ -125,18 +126,10 @@ fn the_heap_profile_is_served_in_every_format() {
 
 #[test]
 fn sampling_off_says_how_to_turn_it_on() {
-    let addr = free_addr();
-    let mut cmd = memtel();
-    cmd.args([
-        "--listen",
-        &addr.to_string(),
-        "--debug-endpoints",
-        "--heap-profile-sample",
-        "0",
-    ])
-    .env("OTEL_SDK_DISABLED", "true");
-    let mut proc = Proc::spawn(cmd, "memtel with sampling off");
-    proc.wait_ready(&client(), addr);
+    let (proc, addr) = start(
+        &["--debug-endpoints", "--heap-profile-sample", "0"],
+        "memtel with sampling off",
+    );
     let (status, body) = get(&client(), addr, "");
     assert_eq!(status, 409);
     let body: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
@@ -162,20 +155,4 @@ fn total_mb(top: &str) -> Option<f64> {
         "B" => value / 1_048_576.0,
         _ => return None,
     })
-}
-
-fn pprof(args: &[&str], file: &std::path::Path) -> String {
-    let out = Command::new("go")
-        .args(["tool", "pprof"])
-        .args(args)
-        .arg(file)
-        .env("HOME", std::env::temp_dir())
-        .output()
-        .expect("go tool pprof");
-    assert!(
-        out.status.success(),
-        "go tool pprof: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -39,6 +39,16 @@ pub trait Scope: Sync {
     fn run<R>(&self, worker: usize, f: impl FnOnce() -> R) -> R;
 }
 
+/// One memtel component for both workers (of `realistic` and `dom`), as a service's
+/// request handlers would share one.
+pub struct InComponent(pub memtel::Component);
+
+impl Scope for InComponent {
+    fn run<R>(&self, _worker: usize, f: impl FnOnce() -> R) -> R {
+        self.0.in_scope(f)
+    }
+}
+
 /// No attribution scope at all.
 pub struct NoScope;
 

@@ -340,7 +340,7 @@ impl History {
         let names = store.names();
         let Some(step) = step else {
             return Ok(Samples {
-                spacing: self.spacing(spacing),
+                spacing: Duration::from_millis(spacing),
                 samples: points.iter().map(|p| sample(p, names)).collect(),
             });
         };
@@ -403,10 +403,6 @@ impl History {
     /// Bytes the history holds on the heap, by its own count (see README for the bound).
     pub fn heap_bytes(&self) -> usize {
         self.inner.store.read().unwrap_or_else(|p| p.into_inner()).heap_bytes()
-    }
-
-    fn spacing(&self, step_ms: u64) -> Duration {
-        Duration::from_millis(step_ms)
     }
 
     fn check_window(&self, window: Duration) -> Result<(), QueryError> {

@@ -81,7 +81,6 @@ fn newest(points: &[&Point], index: usize) -> Option<u64> {
 
 pub(super) fn judge(window: Duration, points: &[&Point], names: &[Arc<str>], rules: &LeakDetection) -> Trends {
     let samples: u64 = points.iter().map(|p| u64::from(p.count)).sum();
-    // Rules count samples; with aggregates, count the points the floors come from.
     // RSS carries every component's rhythms at once: its floor is judged by the same
     // rules but the line's fit, which those rhythms' sum would fail while it still rises.
     let growth = assess_points(

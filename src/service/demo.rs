@@ -87,7 +87,6 @@ async fn run_cache(rhythm: Rhythm, cache: Cache, leak_mb_per_min: f64) {
     let mut tick = tokio::time::interval(rhythm.period);
     let mut fill = 1u8;
     let mut leaked: Vec<Vec<u8>> = Vec::new();
-    let leak_per_tick = leak_mb_per_min * 1_048_576.0 / 60.0 * rhythm.period.as_secs_f64();
     let started = tokio::time::Instant::now();
     let mut leaked_bytes = 0f64;
     loop {
@@ -96,7 +95,7 @@ async fn run_cache(rhythm: Rhythm, cache: Cache, leak_mb_per_min: f64) {
             let mut entries = cache.lock().unwrap_or_else(|p| p.into_inner());
             step(&rhythm, &mut entries, &mut fill);
         }
-        if leak_per_tick > 0.0 {
+        if leak_mb_per_min > 0.0 {
             // By elapsed time, not ticks: a late tick leaks what was due.
             let due = leak_mb_per_min * 1_048_576.0 / 60.0 * started.elapsed().as_secs_f64();
             let more = (due - leaked_bytes).max(0.0) as usize;
