@@ -90,10 +90,11 @@ fn over_aligned_and_zeroed_layouts() {
     c.in_scope(|| unsafe {
         for align in [64usize, 4096, 1 << 16] {
             let layout = Layout::from_size_align(100, align).unwrap();
-            let p = std::alloc::alloc(layout);
+            // black_box: an optimized build may otherwise elide an allocation that never escapes.
+            let p = std::hint::black_box(std::alloc::alloc(layout));
             assert!(!p.is_null() && (p as usize).is_multiple_of(align));
             assert_eq!(c.live_bytes(), 100);
-            let p = std::alloc::realloc(p, layout, 5000);
+            let p = std::hint::black_box(std::alloc::realloc(p, layout, 5000));
             assert!(
                 !p.is_null() && (p as usize).is_multiple_of(align),
                 "realloc keeps the alignment"
@@ -103,7 +104,7 @@ fn over_aligned_and_zeroed_layouts() {
             assert_eq!(c.live_bytes(), 0);
         }
         let layout = Layout::from_size_align(4096, 64).unwrap();
-        let p = std::alloc::alloc_zeroed(layout);
+        let p = std::hint::black_box(std::alloc::alloc_zeroed(layout));
         assert!(
             std::slice::from_raw_parts(p, 4096).iter().all(|b| *b == 0),
             "zeroed up to the tag"
