@@ -4,16 +4,17 @@
 //! `by_component` is rounded so that it adds up to `total_allocated_mb` (see [`mb_parts`]).
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
+use crate::body_cache::{accepts_gzip, encode, respond, BodyCache, SameSnapshot};
 use crate::monitor::OTHER_COMPONENT;
 use crate::snapshot::{KernelSignals, Pressure, PsiLine, Snapshot};
 use crate::MemoryMonitor;
@@ -50,7 +51,7 @@ pub fn profile_router(monitor: MemoryMonitor) -> Router {
         .route(PROFILE_PATH, get(profile).fallback(method_not_allowed))
         .with_state(Arc::new(Rendered {
             monitor,
-            latest: Mutex::new(None),
+            body: BodyCache::new(1),
         }))
 }
 
@@ -65,46 +66,38 @@ pub fn history_router(monitor: MemoryMonitor) -> Router {
             crate::history::TRENDS_PATH,
             get(crate::history::trends_route).fallback(method_not_allowed),
         )
-        .with_state(monitor)
+        .with_state(Arc::new(crate::history::Views::new(monitor)))
 }
 
 /// The monitor and the document rendered for its latest snapshot: requests that
 /// share a snapshot (within its cache window) share the serialized body too.
 struct Rendered {
     monitor: MemoryMonitor,
-    latest: Mutex<Option<(Arc<Snapshot>, Bytes)>>,
+    /// Keyed by whether the body is gzipped.
+    body: BodyCache<SameSnapshot, bool>,
 }
 
-async fn profile(State(rendered): State<Arc<Rendered>>) -> Response {
+async fn profile(State(rendered): State<Arc<Rendered>>, headers: HeaderMap) -> Response {
     let snap = rendered.monitor.snapshot();
-    let cached = {
-        let latest = rendered.latest.lock().unwrap_or_else(|p| p.into_inner());
-        latest
-            .as_ref()
-            .filter(|(s, _)| Arc::ptr_eq(s, &snap))
-            .map(|(_, body)| body.clone())
-    };
-    let body = match cached {
-        Some(body) => body,
-        None => match serde_json::to_vec(&MemoryProfile::from_snapshot(&snap)) {
-            Ok(json) => {
-                let body = Bytes::from(json);
-                *rendered.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some((snap, body.clone()));
-                body
-            }
-            Err(e) => {
-                let error = ErrorBody {
-                    error: format!("cannot render the profile: {e}"),
-                };
-                return (StatusCode::INTERNAL_SERVER_ERROR, Json(error)).into_response();
-            }
-        },
-    };
-    (
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
-        body,
-    )
-        .into_response()
+    let gzip = accepts_gzip(&headers);
+    let body = rendered.body.get_or_render(SameSnapshot(Arc::clone(&snap)), gzip, || {
+        serde_json::to_vec(&MemoryProfile::from_snapshot(&snap)).map(|json| encode(json, gzip))
+    });
+    json_body(body, gzip, "the profile")
+}
+
+/// A rendered JSON body (gzipped or not) as a response; a rendering error as a 500 with a
+/// JSON error that names `what`.
+pub(crate) fn json_body(body: Result<Bytes, serde_json::Error>, gzip: bool, what: &str) -> Response {
+    match body {
+        Ok(body) => respond(body, gzip, "application/json"),
+        Err(e) => {
+            let error = ErrorBody {
+                error: format!("cannot render {what}: {e}"),
+            };
+            (StatusCode::INTERNAL_SERVER_ERROR, Json(error)).into_response()
+        }
+    }
 }
 
 async fn method_not_allowed(uri: axum::http::Uri) -> Response {
@@ -258,6 +251,20 @@ pub struct ProfileStats {
     pub cleanup_count: u64,
     /// Allocator purges run.
     pub gc_count: u64,
+    /// The utilization thresholds of the pressure levels, as fractions of the limit.
+    pub thresholds: ThresholdsProfile,
+}
+
+/// The `stats.thresholds` object of [`MemoryProfile`]: `pressure` is `warning` from
+/// `warning × limit_mb` of resident memory, `critical` from `critical × limit_mb` (with
+/// hysteresis on the way down).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[non_exhaustive]
+pub struct ThresholdsProfile {
+    /// The warning threshold, a fraction of the limit.
+    pub warning: f64,
+    /// The critical threshold, a fraction of the limit.
+    pub critical: f64,
 }
 
 /// The `jemalloc` object of [`MemoryProfile`], in MB (three decimals).
@@ -314,6 +321,10 @@ impl MemoryProfile {
                 last_gc_secs_ago: snap.actions.last_gc_ago.map(|d| d.as_secs()),
                 cleanup_count: snap.actions.cleanup_runs,
                 gc_count: snap.actions.gc_runs,
+                thresholds: ThresholdsProfile {
+                    warning: snap.thresholds.warning(),
+                    critical: snap.thresholds.critical(),
+                },
             },
             jemalloc: snap.jemalloc.map(|j| JemallocProfile {
                 allocated_mb: mb_f(j.allocated),

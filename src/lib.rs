@@ -56,6 +56,8 @@ mod source;
 #[cfg(feature = "http")]
 pub mod auth;
 #[cfg(feature = "http")]
+mod body_cache;
+#[cfg(feature = "http")]
 mod http;
 #[cfg(feature = "http")]
 pub mod page;
@@ -85,5 +87,5 @@ pub use source::pools::{memory_pools, ArenaPool, ClassPool};
 #[cfg(feature = "http")]
 pub use http::{
     history_router, profile_router, router, CgroupProfile, ErrorBody, JemallocProfile, KernelProfile, MemoryProfile,
-    ProfileStats, PsiLineProfile, PsiProfile, TrackingProfile, PROFILE_PATH,
+    ProfileStats, PsiLineProfile, PsiProfile, ThresholdsProfile, TrackingProfile, PROFILE_PATH,
 };

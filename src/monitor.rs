@@ -252,6 +252,7 @@ impl MemoryMonitor {
             other_allocated_total_bytes: untagged.map(|(allocated, _)| allocated),
             component_source: components.source,
             pressure: self.level(utilization(rss, kernel.limit), &kernel, rss),
+            thresholds: inner.thresholds,
             actions: inner.actions.read(),
             kernel: kernel.signals,
             trends: inner.history.as_ref().and_then(crate::History::latest_trends),

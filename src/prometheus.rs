@@ -10,11 +10,10 @@
 //! collector's own exporter gives the same series.
 
 use std::sync::atomic::{AtomicI64, AtomicU64};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -23,6 +22,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::body_cache::{accepts_gzip, encode, respond, BodyCache, SameSnapshot};
 use crate::otel::{Instrument, METRICS};
 use crate::snapshot::Snapshot;
 use crate::MemoryMonitor;
@@ -48,7 +48,7 @@ pub fn metrics_router(monitor: MemoryMonitor) -> Router {
         .route(METRICS_PATH, get(metrics))
         .with_state(Arc::new(Rendered {
             monitor,
-            latest: Mutex::new(None),
+            body: BodyCache::new(4),
         }))
 }
 
@@ -56,7 +56,8 @@ pub fn metrics_router(monitor: MemoryMonitor) -> Router {
 /// scrapes that share a snapshot (within its cache window) share the text too.
 struct Rendered {
     monitor: MemoryMonitor,
-    latest: Mutex<Option<(Arc<Snapshot>, bool, Bytes)>>,
+    /// Keyed by (OpenMetrics, gzipped).
+    body: BodyCache<SameSnapshot, (bool, bool)>,
 }
 
 async fn metrics(State(rendered): State<Arc<Rendered>>, headers: HeaderMap) -> Response {
@@ -64,22 +65,13 @@ async fn metrics(State(rendered): State<Arc<Rendered>>, headers: HeaderMap) -> R
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|accept| accept.contains("application/openmetrics-text"));
+    let gzip = accepts_gzip(&headers);
     let snap = rendered.monitor.snapshot();
-    let cached = rendered
-        .latest
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .as_ref()
-        .filter(|(s, format, _)| Arc::ptr_eq(s, &snap) && *format == openmetrics)
-        .map(|(_, _, body)| body.clone());
-    let body = match cached {
-        Some(body) => Ok(body),
-        None => render(&snap, openmetrics).map(|text| {
-            let body = Bytes::from(text);
-            *rendered.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some((snap, openmetrics, body.clone()));
-            body
-        }),
-    };
+    let body = rendered
+        .body
+        .get_or_render(SameSnapshot(Arc::clone(&snap)), (openmetrics, gzip), || {
+            render(&snap, openmetrics).map(|text| encode(text.into_bytes(), gzip))
+        });
     match body {
         Ok(body) => {
             let content_type = if openmetrics {
@@ -87,7 +79,7 @@ async fn metrics(State(rendered): State<Arc<Rendered>>, headers: HeaderMap) -> R
             } else {
                 prometheus_client::encoding::prometheus_text::CONTENT_TYPE
             };
-            ([(header::CONTENT_TYPE, HeaderValue::from_static(content_type))], body).into_response()
+            respond(body, gzip, content_type)
         }
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,

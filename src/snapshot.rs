@@ -74,6 +74,8 @@ pub struct Snapshot {
     /// The pressure level: from [`utilization`](Self::utilization) with hysteresis,
     /// raised to at least `warning` by PSI when so configured (see [`next_level`]).
     pub pressure: Pressure,
+    /// The utilization thresholds the level is judged against (the monitor's).
+    pub thresholds: Thresholds,
     /// The kernel's own signals, at most [`kernel_max_age`] old.
     ///
     /// [`kernel_max_age`]: crate::MemoryMonitorBuilder::kernel_max_age

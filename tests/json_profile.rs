@@ -64,6 +64,8 @@ fn every_documented_field_with_its_type() {
     assert_eq!(stats["last_gc_secs_ago"], Value::Null);
     assert_eq!(stats["cleanup_count"], 0);
     assert_eq!(stats["gc_count"], 0);
+    assert_eq!(stats["thresholds"]["warning"], 0.8, "the default thresholds");
+    assert_eq!(stats["thresholds"]["critical"], 0.9);
 
     let j = &doc["jemalloc"];
     for field in [
@@ -148,11 +150,12 @@ fn figures_agree_with_the_kernel_and_jemalloc() {
 fn pressure_levels_around_each_threshold() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let client = client();
-    let (warning, critical) = (0.80, 0.90);
+    // Not the defaults (0.80, 0.90), so `stats.thresholds` shows the monitor's own.
+    let (warning, critical) = (0.80, 0.95);
     // The first server and request of the process map memory that later ones reuse.
     let warm_up = http::TestServer::start(memtel::router(MemoryMonitor::new()));
     warm_up.get_json(&client, PROFILE_PATH);
-    for target in [0.70, 0.77, 0.83, 0.87, 0.93, 1.20] {
+    for target in [0.70, 0.77, 0.83, 0.87, 0.91, 0.98, 1.20] {
         let limit = (process::vm_rss() as f64 / target) as u64;
         let monitor = MemoryMonitor::builder()
             .limit_bytes(limit)
@@ -173,6 +176,8 @@ fn pressure_levels_around_each_threshold() {
             "normal"
         };
         assert_eq!(doc["pressure"], expected, "usage {usage}: {doc}");
+        assert_eq!(doc["stats"]["thresholds"]["warning"], warning);
+        assert_eq!(doc["stats"]["thresholds"]["critical"], critical);
         assert_eq!(doc["stats"]["is_under_pressure"], expected != "normal");
         // current_usage_mb and limit_mb are rounded to whole MB.
         let current_from_usage = usage * num(&doc, "/limit_mb");
@@ -238,4 +243,41 @@ fn kernel_section_matches_the_kernel_files() {
     if std::fs::read_to_string("/proc/self/cgroup").is_ok_and(|c| c.contains(":memory:")) {
         assert_eq!(kernel["cgroup"]["version"], 1, "{doc}");
     }
+}
+
+#[test]
+fn a_client_that_accepts_gzip_gets_the_same_document_gzipped() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let monitor = MemoryMonitor::builder().limit_bytes(4 << 30).build();
+    monitor.component("cache", || 3 << 20).unwrap();
+    let server = http::TestServer::start(memtel::router(monitor));
+    let client = client();
+    let response = client
+        .get(server.url(PROFILE_PATH))
+        .header("accept-encoding", "br;q=1.0, gzip;q=0.8")
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let headers = response.headers().clone();
+    assert_eq!(headers["content-encoding"], "gzip");
+    assert_eq!(headers["vary"], "accept-encoding");
+    let compressed = response.bytes().unwrap();
+    let mut json = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&compressed[..]), &mut json).expect("gzip");
+    let gzipped: Value = serde_json::from_slice(&json).expect("JSON inside");
+    // Read plainly right after: the same fields, the same component figures.
+    let plain = client.get(server.url(PROFILE_PATH)).send().unwrap();
+    assert_eq!(plain.headers().get("content-encoding"), None);
+    let plain: Value = plain.json().unwrap();
+    let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(&gzipped), keys(&plain));
+    assert_eq!(gzipped["by_component"]["cache"], 3);
+    assert_eq!(gzipped["limit_mb"], plain["limit_mb"]);
+    // Refused gzip is not sent.
+    let refused = client
+        .get(server.url(PROFILE_PATH))
+        .header("accept-encoding", "gzip;q=0")
+        .send()
+        .unwrap();
+    assert_eq!(refused.headers().get("content-encoding"), None);
 }

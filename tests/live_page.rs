@@ -161,6 +161,10 @@ fn start_service(args: &[&str]) -> (Proc, std::net::SocketAddr) {
 
 #[test]
 fn the_page_shows_the_json_draws_charts_and_asks_for_a_token() {
+    // A screenshot for README, when asked for (scripts/page-screenshot.sh).
+    if let Ok(path) = std::env::var("MEMTEL_PAGE_SCREENSHOT") {
+        screenshot(&path);
+    }
     // Without the demo the figures hold still, so the page and a JSON read a moment apart
     // can be compared.
     let (proc, addr) = start_service(&["--no-demo"]);
@@ -220,14 +224,21 @@ fn the_page_shows_the_json_draws_charts_and_asks_for_a_token() {
         }
     }
 
-    // A screenshot for README, when asked for (scripts/page-screenshot.sh).
-    if let Ok(path) = std::env::var("MEMTEL_PAGE_SCREENSHOT") {
-        let png = driver.call(reqwest::Method::GET, "/screenshot", Value::Null);
-        use base64::Engine;
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(png.as_str().expect("base64 PNG"))
-            .expect("base64");
-        std::fs::write(&path, bytes).expect("write the screenshot");
+    // The RSS chart's warning and critical bands sit at the JSON's thresholds of the limit
+    // (the chart's scale is the limit while RSS is below it).
+    let bands = driver.script(
+        "const svg = document.querySelector('svg[data-chart=rss]'); \
+         const h = svg.viewBox.baseVal.height; \
+         return Object.fromEntries([...svg.querySelectorAll('line[data-band]')].map((l) => \
+           [l.dataset.band, (h - Number(l.getAttribute('y1'))) / (h - 4)]));",
+    );
+    let thresholds = &profile["stats"]["thresholds"];
+    for band in ["warning", "critical"] {
+        let (drawn, truth) = (bands[band].as_f64(), thresholds[band].as_f64());
+        assert!(
+            matches!((drawn, truth), (Some(d), Some(t)) if (d - t).abs() < 0.01),
+            "the {band} band is drawn at {drawn:?} of the limit, the JSON says {truth:?}: {bands}"
+        );
     }
     drop(driver);
     proc.terminate();
@@ -282,6 +293,25 @@ fn the_page_shows_the_json_draws_charts_and_asks_for_a_token() {
     );
     let stored = driver.script("return [sessionStorage.getItem('memtel-token'), localStorage.length];");
     assert_eq!(stored, json!(["page-token-81f2", 0]), "kept in the session only");
+    drop(driver);
+    proc.terminate();
+}
+
+/// The page of the service running its demo workload with a slow leak, half a minute into
+/// its history (so the charts and the trends have something to show), saved as a PNG.
+fn screenshot(path: &str) {
+    let (proc, addr) = start_service(&["--demo-leak-mb-per-min", "20"]);
+    std::thread::sleep(Duration::from_secs(30));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let driver = Driver::start(dir.path());
+    driver.go(&format!("http://{addr}/memory"));
+    driver.wait_loaded(2);
+    let png = driver.call(reqwest::Method::GET, "/screenshot", Value::Null);
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(png.as_str().expect("base64 PNG"))
+        .expect("base64");
+    std::fs::write(path, bytes).expect("write the screenshot");
     drop(driver);
     proc.terminate();
 }

@@ -42,7 +42,7 @@ use crate::Error;
 pub use leak::{Assessment, LeakDetection};
 pub use trends::{ComponentTrend, Trends};
 #[cfg(feature = "http")]
-pub(crate) use view::{history as history_route, trends as trends_route};
+pub(crate) use view::{history as history_route, trends as trends_route, Views};
 #[cfg(feature = "http")]
 pub use view::{
     AnomalyDoc, ComponentTrendDoc, HistoryDocument, HistorySampleDoc, TrendsDocument, TrendsSummaryDoc, HISTORY_PATH,
@@ -266,7 +266,7 @@ impl History {
         self.inner.records.fetch_add(1, std::sync::atomic::Ordering::Release);
     }
 
-    fn records(&self) -> u64 {
+    pub(crate) fn records(&self) -> u64 {
         self.inner.records.load(std::sync::atomic::Ordering::Acquire)
     }
 

@@ -3,16 +3,18 @@
 //! Bytes become MB (MiB) here, with three decimals: history figures are means.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
 use super::{History, QueryError, Sample, Stat, Trends};
-use crate::http::{ErrorBody, MemoryProfile};
+use crate::body_cache::{accepts_gzip, encode, BodyCache, SameSnapshot};
+use crate::http::{json_body, ErrorBody, MemoryProfile};
 use crate::MemoryMonitor;
 
 /// The path of the history document.
@@ -245,13 +247,54 @@ fn query_error(e: QueryError) -> Response {
     bad_request(e.to_string())
 }
 
+/// The history routes' state: the monitor, and the documents last rendered, so that polls
+/// between two recorded samples (and, for trends, within one snapshot's cache window)
+/// share one rendering.
+pub(crate) struct Views {
+    monitor: MemoryMonitor,
+    /// Per recorded-sample count: a few `(window, step)` queries, gzipped or not.
+    history: BodyCache<u64, (Duration, Option<Duration>, bool)>,
+    /// Per recorded-sample count and snapshot (the document holds the current profile): a
+    /// few windows, gzipped or not.
+    trends: BodyCache<(u64, SameSnapshot), (Duration, bool)>,
+}
+
+/// Distinct queries kept per generation: a dashboard polls a few windows (each plain and
+/// gzipped).
+const QUERIES_KEPT: usize = 8;
+
+impl Views {
+    pub(crate) fn new(monitor: MemoryMonitor) -> Self {
+        Self {
+            monitor,
+            history: BodyCache::new(QUERIES_KEPT),
+            trends: BodyCache::new(QUERIES_KEPT),
+        }
+    }
+}
+
+/// A query's error, or the body rendered for it.
+enum Rendered {
+    Query(QueryError),
+    Json(serde_json::Error),
+}
+
+fn rendered(body: Result<axum::body::Bytes, Rendered>, gzip: bool, what: &str) -> Response {
+    match body {
+        Ok(body) => json_body(Ok(body), gzip, what),
+        Err(Rendered::Query(e)) => query_error(e),
+        Err(Rendered::Json(e)) => json_body(Err(e), gzip, what),
+    }
+}
+
 /// `GET /api/v1/memory/profile/history?window=1h&step=1m`; `window` defaults to the trend
 /// window.
 pub(crate) async fn history(
-    State(monitor): State<MemoryMonitor>,
+    State(views): State<Arc<Views>>,
     Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
 ) -> Response {
-    let Some(history) = monitor.history() else {
+    let Some(history) = views.monitor.history() else {
         return no_history();
     };
     if let Err(e) = check_known(&params, &["window", "step"]) {
@@ -261,18 +304,24 @@ pub(crate) async fn history(
         (Ok(w), Ok(s)) => (w.unwrap_or(history.config().trend_window), s),
         (Err(e), _) | (_, Err(e)) => return bad_request(e),
     };
-    match history.samples(window, step) {
-        Ok(samples) => Json(HistoryDocument::new(history, window, &samples)).into_response(),
-        Err(e) => query_error(e),
-    }
+    let gzip = accepts_gzip(&headers);
+    let body = views
+        .history
+        .get_or_render(history.records(), (window, step, gzip), || {
+            let samples = history.samples(window, step).map_err(Rendered::Query)?;
+            let json = serde_json::to_vec(&HistoryDocument::new(history, window, &samples)).map_err(Rendered::Json)?;
+            Ok(encode(json, gzip))
+        });
+    rendered(body, gzip, "the history")
 }
 
 /// `GET /api/v1/memory/profile/trends?window=1h`; `window` defaults to the trend window.
 pub(crate) async fn trends(
-    State(monitor): State<MemoryMonitor>,
+    State(views): State<Arc<Views>>,
     Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
 ) -> Response {
-    let Some(history) = monitor.history() else {
+    let Some(history) = views.monitor.history() else {
         return no_history();
     };
     if let Err(e) = check_known(&params, &["window"]) {
@@ -282,8 +331,13 @@ pub(crate) async fn trends(
         Ok(w) => w.unwrap_or(history.config().trend_window),
         Err(e) => return bad_request(e),
     };
-    match history.trends(window) {
-        Ok(t) => Json(TrendsDocument::new(&t, &monitor.snapshot())).into_response(),
-        Err(e) => query_error(e),
-    }
+    let snap = views.monitor.snapshot();
+    let generation = (history.records(), SameSnapshot(Arc::clone(&snap)));
+    let gzip = accepts_gzip(&headers);
+    let body = views.trends.get_or_render(generation, (window, gzip), || {
+        let trends = history.trends(window).map_err(Rendered::Query)?;
+        let json = serde_json::to_vec(&TrendsDocument::new(&trends, &snap)).map_err(Rendered::Json)?;
+        Ok(encode(json, gzip))
+    });
+    rendered(body, gzip, "the trends")
 }
