@@ -4,7 +4,8 @@
 //! `alloc_memtel`'s `memtel` (an allocator without profiling) by instructions under
 //! callgrind (see BENCHMARKS.md).
 //!
-//! `cargo bench --bench alloc_profiled`
+//! `cargo bench --bench alloc_profiled`; with frame pointers (stacks walked, not unwound):
+//! `RUSTFLAGS="-C force-frame-pointers=yes" CARGO_TARGET_DIR=target-fp cargo bench --bench alloc_profiled`
 
 #[path = "support/alloc_workloads.rs"]
 mod workloads;
@@ -27,7 +28,10 @@ fn main() {
         workloads::bench_dom(&mut c, name, &scope, &corpus);
     }
     let samples: usize = memtel::profile::heap_profile().samples.len();
-    eprintln!("heap profile: {samples} sampled stacks");
+    eprintln!(
+        "heap profile: {samples} sampled stacks, walked by {}",
+        memtel::alloc::heap_profile_unwinder()
+    );
     memtel::alloc::set_heap_sample_interval(0);
     c.final_summary();
 }

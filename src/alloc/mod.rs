@@ -51,6 +51,8 @@ pub(crate) mod sampler;
 #[cfg(feature = "jemalloc")]
 mod scheme;
 mod scope;
+#[cfg(feature = "profiling")]
+mod unwind;
 
 pub use allocator::TrackingAllocator;
 #[cfg(feature = "tracing")]
@@ -58,6 +60,8 @@ pub use layer::ComponentLayer;
 #[cfg(feature = "profiling")]
 pub use sampler::{heap_sample_interval, set_heap_sample_interval};
 pub use scope::{component, current_component, Component, ComponentFuture, ComponentGuard, InComponent};
+#[cfg(feature = "profiling")]
+pub use unwind::heap_profile_unwinder;
 
 pub(crate) use registry::for_each as for_each_component;
 

@@ -9,7 +9,8 @@
 //! A sampled allocation is always made with a tag (never placed), its tag byte carrying
 //! [`SAMPLED`] besides the component: a free finds the flag in the tag it reads anyway,
 //! so frees of placed allocations — the common case — are not touched at all, and frees
-//! of tagged ones pay one bit test. Its stack is captured with `backtrace` (no allocation),
+//! of tagged ones pay one bit test. Its stack is captured without allocating, by frame
+//! pointers where they are kept, else by `backtrace` (see `unwind`),
 //! while a per-thread guard keeps what the table allocates from being sampled in turn.
 //!
 //! The table (live samples by address, and every sampled stack's cumulative totals) sits
@@ -27,7 +28,7 @@ pub(crate) const SAMPLED: u8 = 0x80;
 const _: () = assert!(super::counters::SLOTS <= SAMPLED as usize);
 
 /// Frames kept per stack.
-const DEPTH: usize = 64;
+pub(crate) const DEPTH: usize = 64;
 
 /// The mean sampling interval in bytes (0: off).
 static INTERVAL: AtomicU64 = AtomicU64::new(0);
@@ -67,6 +68,8 @@ pub(crate) struct ThreadSampler {
     /// Set while the thread records a sample (or reads the table): nothing it allocates
     /// meanwhile is sampled.
     busy: Cell<bool>,
+    /// The thread's stack top for frame-pointer walks (see `unwind`).
+    stack_top: Cell<usize>,
 }
 
 impl ThreadSampler {
@@ -78,6 +81,7 @@ impl ThreadSampler {
             epoch: Cell::new(0),
             rng: Cell::new(0),
             busy: Cell::new(false),
+            stack_top: Cell::new(0),
         }
     }
 }
@@ -157,17 +161,7 @@ pub(crate) fn record(state: &ThreadState, ptr: *mut u8, size: usize, slot: u8) {
     let t = &state.sampler;
     t.busy.set(true);
     let mut frames = [0usize; DEPTH];
-    let mut depth = 0;
-    // SAFETY: tracing without synchronization only risks a garbled stack if another thread
-    // traces at the same time through the same unwinder state; the unwinder used here is
-    // thread-safe. It does not allocate.
-    unsafe {
-        backtrace::trace_unsynchronized(|frame| {
-            frames[depth] = frame.ip() as usize;
-            depth += 1;
-            depth < DEPTH
-        });
-    }
+    let depth = super::unwind::capture(&t.stack_top, &mut frames);
     let weight = scale(size);
     #[cfg(feature = "tracing")]
     let span = super::layer::innermost_span();

@@ -97,9 +97,11 @@ pub fn heap_profile() -> HeapProfile {
 /// Function names of a symbolized address, innermost (inlined) first.
 type Names = Vec<(String, Option<String>, u32)>;
 
-/// Frames of the allocator itself (and of capturing the stack), left out of profiles.
-fn is_allocator_frame(name: &str) -> bool {
-    const PREFIXES: [&str; 8] = [
+/// Frames of the allocator itself (and of capturing the stack), left out of profiles: by
+/// the function's path where the debug information names it (`debug = 2`), else by its
+/// source file (line tables only name functions without their paths).
+fn is_allocator_frame(name: &str, file: Option<&str>) -> bool {
+    const PREFIXES: [&str; 9] = [
         "backtrace::",
         "memtel::alloc::",
         "<memtel::alloc::",
@@ -108,8 +110,23 @@ fn is_allocator_frame(name: &str) -> bool {
         "alloc::alloc::",
         "std::alloc::",
         "<alloc::alloc::Global",
+        // `LocalKey::with` around the allocator's use of its thread state (debug builds).
+        "std::thread::local::",
     ];
-    PREFIXES.iter().any(|p| name.starts_with(p))
+    if PREFIXES.iter().any(|p| name.starts_with(p)) {
+        return true;
+    }
+    let Some(file) = file else {
+        return false;
+    };
+    let file = file.replace('\\', "/");
+    // memtel's allocator, wherever this crate's sources were built from.
+    file.starts_with(concat!(env!("CARGO_MANIFEST_DIR"), "/src/alloc/"))
+        // The unwinder, and the standard library's allocation entry points.
+        || (file.contains("/backtrace-") && file.contains("/src/backtrace/"))
+        || file.ends_with("library/alloc/src/alloc.rs")
+        || file.ends_with("library/std/src/alloc.rs")
+        || file.ends_with("library/std/src/thread/local.rs")
 }
 
 impl HeapProfile {
@@ -354,7 +371,7 @@ fn user_frames<'a>(frames: &'a [usize], names: &HashMap<usize, Names>) -> &'a [u
             !names
                 .get(a)
                 .and_then(|n| n.last())
-                .is_some_and(|(name, _, _)| is_allocator_frame(name))
+                .is_some_and(|(name, file, _)| is_allocator_frame(name, file.as_deref()))
         })
         .unwrap_or(frames.len());
     &frames[skip..]
