@@ -223,54 +223,38 @@ pub(crate) struct Stack {
     pub(crate) alloc_space: f64,
 }
 
-/// Hashes addresses and stacks: fast, and seeded with a constant (the keys are addresses
-/// and return addresses, nothing a client chooses).
-type Hasher = foldhash::fast::FixedState;
+/// What tells two sampled stacks apart: frames, component, span.
+type StackKey = (Box<[usize]>, u8, Option<&'static str>);
 
 #[derive(Default)]
 pub(crate) struct Table {
-    live: HashMap<usize, Live, Hasher>,
-    /// Indices into `stacks`, by the hash of (frames, component, span): a sample whose stack
-    /// is known is counted without allocating a key.
-    index: hashbrown::HashTable<u32>,
+    live: HashMap<usize, Live>,
+    index: HashMap<StackKey, u32>,
     stacks: Vec<Stack>,
-}
-
-fn stack_hash(frames: &[usize], slot: u8, span: Option<&'static str>) -> u64 {
-    use std::hash::BuildHasher;
-    Hasher::default().hash_one((frames, slot, span))
 }
 
 impl Table {
     fn insert(&mut self, ptr: usize, frames: &[usize], slot: u8, span: Option<&'static str>, size: usize, weight: f64) {
-        let Table { live, index, stacks } = self;
-        let hash = stack_hash(frames, slot, span);
-        let same = |&i: &u32| {
-            let s = &stacks[i as usize];
-            *s.frames == *frames && s.slot == slot && s.span == span
-        };
-        let stack = match index.find(hash, same) {
+        let key = (Box::<[usize]>::from(frames), slot, span);
+        let stack = match self.index.get(&key) {
             Some(&i) => i,
             None => {
-                let i = stacks.len() as u32;
-                stacks.push(Stack {
-                    frames: frames.into(),
+                let i = self.stacks.len() as u32;
+                self.stacks.push(Stack {
+                    frames: key.0.clone(),
                     slot,
                     span,
                     alloc_objects: 0.0,
                     alloc_space: 0.0,
                 });
-                index.insert_unique(hash, i, |&i| {
-                    let s = &stacks[i as usize];
-                    stack_hash(&s.frames, s.slot, s.span)
-                });
+                self.index.insert(key, i);
                 i
             }
         };
-        let s = &mut stacks[stack as usize];
+        let s = &mut self.stacks[stack as usize];
         s.alloc_objects += weight;
         s.alloc_space += weight * size as f64;
-        live.insert(ptr, Live { stack, size, weight });
+        self.live.insert(ptr, Live { stack, size, weight });
     }
 
     /// Each stack with its in-use objects and bytes (the live samples' weights).
