@@ -32,12 +32,18 @@ fn num(v: &Value, path: &str) -> f64 {
         .unwrap_or_else(|| panic!("{path} is not a number in {v}"))
 }
 
+/// The profile route of a monitor with a 4 GiB limit and one reported component, `cache`,
+/// of 3 MiB.
+fn cache_of_3_mb_under_4_gb() -> http::TestServer {
+    let monitor = MemoryMonitor::builder().limit_bytes(4 << 30).build();
+    monitor.component("cache", || 3 << 20).unwrap();
+    http::TestServer::start(memtel::router(monitor))
+}
+
 #[test]
 fn every_documented_field_with_its_type() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let monitor = MemoryMonitor::builder().limit_bytes(4 << 30).build();
-    monitor.component("cache", || 3 << 20).unwrap();
-    let server = http::TestServer::start(memtel::router(monitor));
+    let server = cache_of_3_mb_under_4_gb();
     let doc = server.get_json(&client(), PROFILE_PATH);
 
     let timestamp = doc["timestamp"].as_str().expect("timestamp is a string");
@@ -248,9 +254,7 @@ fn kernel_section_matches_the_kernel_files() {
 #[test]
 fn a_client_that_accepts_gzip_gets_the_same_document_gzipped() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let monitor = MemoryMonitor::builder().limit_bytes(4 << 30).build();
-    monitor.component("cache", || 3 << 20).unwrap();
-    let server = http::TestServer::start(memtel::router(monitor));
+    let server = cache_of_3_mb_under_4_gb();
     let client = client();
     let response = client
         .get(server.url(PROFILE_PATH))

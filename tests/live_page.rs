@@ -113,6 +113,21 @@ impl Driver {
         self.call(reqwest::Method::POST, "/url", json!({ "url": url }));
     }
 
+    /// The WebDriver id of the element `css` selects.
+    fn element(&self, css: &str) -> String {
+        let found = self.call(
+            reqwest::Method::POST,
+            "/element",
+            json!({"using": "css selector", "value": css}),
+        );
+        found
+            .as_object()
+            .and_then(|o| o.values().next())
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("no element {css}: {found}"))
+            .to_owned()
+    }
+
     fn script(&self, script: &str) -> Value {
         self.call(
             reqwest::Method::POST,
@@ -257,33 +272,13 @@ fn the_page_shows_the_json_draws_charts_and_asks_for_a_token() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let input = driver.call(
-        reqwest::Method::POST,
-        "/element",
-        json!({"using": "css selector", "value": "#token"}),
-    );
-    let input = input
-        .as_object()
-        .and_then(|o| o.values().next())
-        .and_then(Value::as_str)
-        .expect("the token field")
-        .to_owned();
+    let input = driver.element("#token");
     driver.call(
         reqwest::Method::POST,
         &format!("/element/{input}/value"),
         json!({"text": "page-token-81f2"}),
     );
-    let button = driver.call(
-        reqwest::Method::POST,
-        "/element",
-        json!({"using": "css selector", "value": "#login-button"}),
-    );
-    let button = button
-        .as_object()
-        .and_then(|o| o.values().next())
-        .and_then(Value::as_str)
-        .expect("the button")
-        .to_owned();
+    let button = driver.element("#login-button");
     driver.call(reqwest::Method::POST, &format!("/element/{button}/click"), json!({}));
     driver.wait_loaded(1);
     let rss = driver.script("return document.querySelector('[data-metric=current_usage_mb]').textContent;");

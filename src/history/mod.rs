@@ -163,9 +163,6 @@ pub enum QueryError {
     Step(String),
 }
 
-/// The last samples answered: window, step, record count, samples.
-type SamplesCache = (Duration, Option<Duration>, u64, Arc<Samples>);
-
 /// The trends as of the latest judgement, and the components suspected then.
 type Latest = (Option<Arc<Trends>>, Vec<Arc<str>>);
 
@@ -181,13 +178,12 @@ struct Inner {
     /// The trends over the default window as of the latest sample, and the components
     /// suspected then (for the events on change).
     latest: Mutex<Latest>,
-    /// Samples recorded so far: what the caches below are keyed on, with the query.
+    /// Samples recorded so far: what the trends cache (and the routes' bodies) are keyed on.
     records: std::sync::atomic::AtomicU64,
     /// The last trends judged, and for which window and record count: polls between two
-    /// samples share one judgement.
+    /// samples share one judgement (the recorder's refresh and the trends route). The
+    /// history route keeps its rendered bodies itself (`view::Views`).
     trends_cache: Mutex<Option<(Duration, u64, Arc<Trends>)>>,
-    /// The last samples answered, likewise.
-    samples_cache: Mutex<Option<SamplesCache>>,
 }
 
 impl std::fmt::Debug for History {
@@ -233,7 +229,6 @@ impl History {
                 latest: Mutex::new((None, Vec::new())),
                 records: std::sync::atomic::AtomicU64::new(0),
                 trends_cache: Mutex::new(None),
-                samples_cache: Mutex::new(None),
             }),
         })
     }
@@ -315,24 +310,6 @@ impl History {
     /// A zero window or one longer than the retention; a zero step, one longer than the
     /// window, or one finer than the resolution kept for the window.
     pub fn samples(&self, window: Duration, step: Option<Duration>) -> Result<Samples, QueryError> {
-        let records = self.records();
-        if let Some((_, _, _, cached)) = self
-            .inner
-            .samples_cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .filter(|(w, s, r, _)| *w == window && *s == step && *r == records)
-        {
-            return Ok((**cached).clone());
-        }
-        let samples = self.samples_uncached(window, step)?;
-        *self.inner.samples_cache.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((window, step, records, Arc::new(samples.clone())));
-        Ok(samples)
-    }
-
-    fn samples_uncached(&self, window: Duration, step: Option<Duration>) -> Result<Samples, QueryError> {
         self.check_window(window)?;
         let store = self.inner.store.read().unwrap_or_else(|p| p.into_inner());
         let now = unix_ms(SystemTime::now());

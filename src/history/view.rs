@@ -273,17 +273,17 @@ impl Views {
     }
 }
 
-/// A query's error, or the body rendered for it.
-enum Rendered {
+/// Why a body could not be rendered: the query, or the encoding.
+enum RenderError {
     Query(QueryError),
     Json(serde_json::Error),
 }
 
-fn rendered(body: Result<axum::body::Bytes, Rendered>, gzip: bool, what: &str) -> Response {
+fn rendered(body: Result<axum::body::Bytes, RenderError>, gzip: bool, what: &str) -> Response {
     match body {
         Ok(body) => json_body(Ok(body), gzip, what),
-        Err(Rendered::Query(e)) => query_error(e),
-        Err(Rendered::Json(e)) => json_body(Err(e), gzip, what),
+        Err(RenderError::Query(e)) => query_error(e),
+        Err(RenderError::Json(e)) => json_body(Err(e), gzip, what),
     }
 }
 
@@ -308,8 +308,9 @@ pub(crate) async fn history(
     let body = views
         .history
         .get_or_render(history.records(), (window, step, gzip), || {
-            let samples = history.samples(window, step).map_err(Rendered::Query)?;
-            let json = serde_json::to_vec(&HistoryDocument::new(history, window, &samples)).map_err(Rendered::Json)?;
+            let samples = history.samples(window, step).map_err(RenderError::Query)?;
+            let json =
+                serde_json::to_vec(&HistoryDocument::new(history, window, &samples)).map_err(RenderError::Json)?;
             Ok(encode(json, gzip))
         });
     rendered(body, gzip, "the history")
@@ -335,8 +336,8 @@ pub(crate) async fn trends(
     let generation = (history.records(), SameSnapshot(Arc::clone(&snap)));
     let gzip = accepts_gzip(&headers);
     let body = views.trends.get_or_render(generation, (window, gzip), || {
-        let trends = history.trends(window).map_err(Rendered::Query)?;
-        let json = serde_json::to_vec(&TrendsDocument::new(&trends, &snap)).map_err(Rendered::Json)?;
+        let trends = history.trends(window).map_err(RenderError::Query)?;
+        let json = serde_json::to_vec(&TrendsDocument::new(&trends, &snap)).map_err(RenderError::Json)?;
         Ok(encode(json, gzip))
     });
     rendered(body, gzip, "the trends")
