@@ -28,7 +28,11 @@
 //!   its older half, a list without capacity sends frees to jemalloc, and every so often
 //!   all the thread's capacities are halved so that lists of components it no longer uses
 //!   do not keep the budget. (Counting bytes on every allocation and free instead cost a
-//!   churn loop 1.23× bare jemalloc's time, against 0.95×.)
+//!   churn loop 1.23× bare jemalloc's time, against 0.95×.) Each list is a stack of
+//!   pointers ([`Bin`]) sized for its full capacity: a thread's lists for one component
+//!   take at most 16 KiB, made when it allocates in that component and freed when their
+//!   capacity is taken back, so a thread keeps them only for the few components its budget
+//!   is spread over (at most `MAX_COMPONENTS` × 16 KiB in any case).
 //! - **A thread has at most one explicit tcache** (`tcache.create`, made on its first
 //!   refill), used only for refills, which take regions from it in one
 //!   `experimental.batch_alloc` call (without a tcache every region would take the arena's
@@ -50,8 +54,10 @@
 //! What the lists hold is published in [`CACHED`] at each refill, return and thread exit
 //! ([`cached_bytes`]).
 
-use std::cell::Cell;
+use std::cell::{Cell, UnsafeCell};
 use std::ffi::{c_uint, c_void};
+use std::mem::MaybeUninit;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed};
 use std::sync::OnceLock;
 
@@ -68,10 +74,13 @@ pub(crate) const BUDGET: usize = 512 << 10;
 /// [`CAP_MAX`] regions: what a list holds between refills. A list of the larger classes
 /// with room for only 4 regions ran empty or full every few operations of a churn loop
 /// mixing sizes (1.07× bare jemalloc's instructions, against 0.99× with 8); 32 KiB per
-/// list instead of 16 gained nothing more and left idle threads holding more.
+/// list instead of 16 gained nothing more and left idle threads holding more. Up to 128
+/// regions of the smallest classes, not 64: a DOM-heavy workload's bursts refilled half as
+/// often (1.040× bare jemalloc's instructions, against 1.058×); 256 took 1.027× but left 8
+/// idle threads × 64 components at bare + 26 MiB.
 const CAP_BYTES: usize = 16 << 10;
 const CAP_MIN: u32 = 8;
-const CAP_MAX: u32 = 64;
+const CAP_MAX: u32 = 128;
 
 /// Each class's list capacity, in regions.
 static CAP: [u32; CLASSES] = caps();
@@ -125,15 +134,72 @@ pub(crate) fn init() -> bool {
     unsafe { libc::pthread_atfork(None, None, Some(forget_tcache_in_child)) == 0 }
 }
 
-/// One free list: `head` is the newest free region, each region's first word the
-/// next one; `room` is how many more regions it may take, of its capacity `cap`.
+/// Where each class's stack starts in a component's [`Bins::stacks`], and their length.
+const STACK_AT: [usize; CLASSES + 1] = stack_offsets();
+const STACKS: usize = STACK_AT[CLASSES];
+
+const fn stack_offsets() -> [usize; CLASSES + 1] {
+    let caps = caps();
+    let mut at = [0; CLASSES + 1];
+    let mut class = 0;
+    while class < CLASSES {
+        at[class + 1] = at[class] + caps[class] as usize;
+        class += 1;
+    }
+    at
+}
+
+/// One free list: a stack of pointers to free regions, the newest on top, of a capacity
+/// of at most the class's [`CAP`] (the stack's length in [`Bins::stacks`]).
+///
+/// `top` is the stack's next free slot; `bottom` and `limit` are the low 32 bits of the
+/// addresses of its first slot and of the slot past its capacity, so the fast paths test
+/// "empty" and "full" with one comparison each (exact: a stack spans far less than 4 GiB).
+///
+/// A stack of pointers, not a list linked through the regions: taking a region then reads
+/// the stack, not the region, and a free or a refill writes the stack, not the region. A
+/// linked list read each region's first word as it was taken (a cache miss on a region
+/// another core freed or jemalloc just handed out: 60 % of the allocation path's time on a
+/// DOM-heavy workload) and wrote it into every region a refill fetched.
 pub(crate) struct Bin {
-    head: Cell<*mut u8>,
-    room: Cell<u32>,
-    cap: Cell<u32>,
+    top: Cell<*mut NonNull<u8>>,
+    bottom: Cell<u32>,
+    limit: Cell<u32>,
+}
+
+/// Bytes of one stack slot.
+const SLOT: u32 = std::mem::size_of::<*mut u8>() as u32;
+
+impl Bin {
+    /// The low 32 bits of an address (see [`Bin`]).
+    #[inline(always)]
+    fn low(slot: *mut NonNull<u8>) -> u32 {
+        slot as usize as u32
+    }
+
+    /// Regions the list holds.
+    fn held(&self) -> u32 {
+        Self::low(self.top.get()).wrapping_sub(self.bottom.get()) / SLOT
+    }
+
+    /// Regions the list may hold.
+    fn cap(&self) -> u32 {
+        self.limit.get().wrapping_sub(self.bottom.get()) / SLOT
+    }
+
+    /// Sets the list's capacity: at most the class's stack length, at least what it holds.
+    fn set_cap(&self, cap: u32) {
+        self.limit.set(self.bottom.get().wrapping_add(cap * SLOT));
+    }
+
+    /// The stack's first slot.
+    fn base(&self) -> *mut NonNull<u8> {
+        self.top.get().wrapping_sub(self.held() as usize)
+    }
 }
 
 /// A thread's lists for one component.
+#[repr(C)]
 pub(crate) struct Bins {
     bins: [Bin; CLASSES],
     /// The `mallocx` flag naming the component's arena.
@@ -142,7 +208,13 @@ pub(crate) struct Bins {
     capacity: Cell<usize>,
     /// When the thread last refilled or overflowed one of these lists (its `clock`).
     used: Cell<u64>,
+    /// Every class's stack of free regions, one after another (`STACK_AT`).
+    /// Written and read only below each list's `held`.
+    stacks: UnsafeCell<[MaybeUninit<NonNull<u8>>; STACKS]>,
 }
+
+// `ThreadBins::joined` has a bit per slot.
+const _: () = assert!(SLOTS <= 128);
 
 /// A thread's caches: its lists per component, what they hold, and its explicit tcache.
 pub(crate) struct ThreadBins {
@@ -161,6 +233,9 @@ pub(crate) struct ThreadBins {
     /// index + 1; and the slot whose regions it may hold.
     tcache: Cell<u32>,
     tcache_slot: Cell<u8>,
+    /// The slots this thread has made lists for (`arenas::user_joined`) since it started,
+    /// one bit each: lists whose capacity is taken back are freed, the thread stays a user.
+    joined: Cell<u128>,
 }
 
 impl ThreadBins {
@@ -174,6 +249,7 @@ impl ThreadBins {
             starved: Cell::new(0),
             tcache: Cell::new(NO_TCACHE_YET),
             tcache_slot: Cell::new(0),
+            joined: Cell::new(0),
         }
     }
 }
@@ -189,14 +265,15 @@ unsafe impl Sync for NoBins {}
 pub(crate) static NONE: NoBins = NoBins(Bins {
     bins: [const {
         Bin {
-            head: Cell::new(std::ptr::null_mut()),
-            room: Cell::new(0),
-            cap: Cell::new(0),
+            top: Cell::new(std::ptr::null_mut()),
+            bottom: Cell::new(0),
+            limit: Cell::new(0),
         }
     }; CLASSES],
     arena: 0,
     capacity: Cell::new(0),
     used: Cell::new(0),
+    stacks: UnsafeCell::new([MaybeUninit::uninit(); STACKS]),
 });
 
 /// Bytes in every thread's lists, as each last published them.
@@ -233,7 +310,7 @@ fn held(t: &ThreadBins) -> usize {
         }
         // SAFETY: lists this thread made and owns.
         for (class, bin) in unsafe { &*bins }.bins.iter().enumerate() {
-            held += (bin.cap.get() - bin.room.get()) as usize * class_size(class);
+            held += bin.held() as usize * class_size(class);
         }
     }
     held
@@ -272,12 +349,17 @@ pub(crate) unsafe fn pop(state: &ThreadState, slot: u8, class: usize) -> *mut u8
     let t = &state.placement;
     // SAFETY: class indices come from `classes`, below CLASSES.
     let bin = unsafe { bins(t, slot).bins.get_unchecked(class) };
-    let head = bin.head.get();
-    if !head.is_null() {
-        bin.head.set(head.cast::<*mut u8>().read());
-        bin.room.set(bin.room.get() + 1);
+    let top = bin.top.get();
+    if Bin::low(top) == bin.bottom.get() {
+        return std::ptr::null_mut();
     }
-    head
+    // SAFETY: below `top` and above the stack's bottom are the list's regions.
+    unsafe {
+        let top = top.sub(1);
+        bin.top.set(top);
+        // Regions are never null, which the caller's test then knows.
+        top.read().as_ptr()
+    }
 }
 
 /// Gives back a region of `class` of `slot` if the thread's list has room; false if not
@@ -287,13 +369,15 @@ pub(crate) unsafe fn push(state: &ThreadState, slot: u8, class: usize, region: *
     let t = &state.placement;
     // SAFETY: as in `pop`.
     let bin = unsafe { bins(t, slot).bins.get_unchecked(class) };
-    let room = bin.room.get();
-    if room == 0 {
+    let top = bin.top.get();
+    if Bin::low(top) == bin.limit.get() {
         return false;
     }
-    region.cast::<*mut u8>().write(bin.head.get());
-    bin.head.set(region);
-    bin.room.set(room - 1);
+    // SAFETY: below the limit, within the stack (a list with capacity has one).
+    unsafe {
+        top.write(NonNull::new_unchecked(region));
+        bin.top.set(top.add(1));
+    }
     true
 }
 
@@ -315,11 +399,11 @@ pub(crate) fn push_or_pass(state: &ThreadState, slot: u8, class: usize) -> Freed
     let t = &state.placement;
     // SAFETY: as in `pop`.
     let bin = unsafe { bins(t, slot).bins.get_unchecked(class) };
-    if bin.room.get() > 0 {
+    if Bin::low(bin.top.get()) != bin.limit.get() {
         return Freed::Kept;
     }
     // SAFETY: as in `pop`. `NONE`'s lists have no capacity, so they are never passed.
-    if bin.cap.get() == unsafe { *CAP.get_unchecked(class) } {
+    if bin.limit.get().wrapping_sub(bin.bottom.get()) == unsafe { *CAP.get_unchecked(class) } * SLOT {
         Freed::Passed
     } else {
         Freed::No
@@ -333,9 +417,12 @@ pub(crate) unsafe fn push_unchecked(state: &ThreadState, slot: u8, class: usize,
     let t = &state.placement;
     // SAFETY: as in `pop`.
     let bin = unsafe { bins(t, slot).bins.get_unchecked(class) };
-    region.cast::<*mut u8>().write(bin.head.get());
-    bin.head.set(region);
-    bin.room.set(bin.room.get() - 1);
+    // SAFETY: `push_or_pass` found the stack below its limit.
+    unsafe {
+        let top = bin.top.get();
+        top.write(NonNull::new_unchecked(region));
+        bin.top.set(top.add(1));
+    }
 }
 
 /// A free region of `class` for `slot`, refilling the list if it is empty; null if
@@ -374,22 +461,29 @@ fn bins_or_make(t: &ThreadBins, slot: u8) -> Option<&Bins> {
     if made.is_null() {
         return None;
     }
-    // SAFETY: `made` is a fresh allocation of the right size and alignment.
+    // SAFETY: `made` is a fresh allocation of the right size and alignment; each class's
+    // stack lies within its `stacks`, which never moves.
     unsafe {
-        made.write(Bins {
-            // No capacity yet: lists get it as they refill or overflow (`grow`).
-            bins: std::array::from_fn(|_| Bin {
-                head: Cell::new(std::ptr::null_mut()),
-                room: Cell::new(0),
-                cap: Cell::new(0),
-            }),
-            arena,
-            capacity: Cell::new(0),
-            used: Cell::new(0),
-        });
+        let stacks = (&raw mut (*made).stacks).cast::<NonNull<u8>>();
+        (&raw mut (*made).bins).write(std::array::from_fn(|class| {
+            let base = stacks.add(STACK_AT[class]);
+            // Empty, and no capacity yet: lists get it as they refill or overflow (`grow`).
+            Bin {
+                top: Cell::new(base),
+                bottom: Cell::new(Bin::low(base)),
+                limit: Cell::new(Bin::low(base)),
+            }
+        }));
+        (&raw mut (*made).arena).write(arena);
+        (&raw mut (*made).capacity).write(Cell::new(0));
+        (&raw mut (*made).used).write(Cell::new(0));
     }
     cell.set(made);
-    arenas::user_joined(slot);
+    let bit = 1u128 << slot;
+    if t.joined.get() & bit == 0 {
+        t.joined.set(t.joined.get() | bit);
+        arenas::user_joined(slot);
+    }
     Some(bins(t, slot))
 }
 
@@ -460,11 +554,11 @@ unsafe fn refill(state: &ThreadState, slot: u8, class: usize) -> *mut u8 {
     touch(t, bins);
     let bin = &bins.bins[class];
     let extra = REFILL[class].load(Relaxed).saturating_sub(1);
-    if bin.room.get() < extra {
-        grow(t, bins, bin, class, extra - bin.room.get());
-    }
     // The list is empty: its room is its capacity.
-    let want = extra.min(bin.room.get()) as usize + 1;
+    if bin.cap() < extra {
+        grow(t, bins, bin, class, extra - bin.cap());
+    }
+    let want = extra.min(bin.cap()) as usize + 1;
     let mut regions = [std::ptr::null_mut::<c_void>(); BATCH];
     let flags = refill_flags(t, slot, bins.arena);
     let mut filled = batch_alloc(&mut regions[..want], size, flags);
@@ -485,10 +579,10 @@ unsafe fn refill(state: &ThreadState, slot: u8, class: usize) -> *mut u8 {
             first = region.cast::<u8>();
             continue;
         }
-        let region = region.cast::<u8>();
-        region.cast::<*mut u8>().write(bin.head.get());
-        bin.head.set(region);
-        bin.room.set(bin.room.get() - 1);
+        // At most `cap` regions besides `first`: `want` is at most `cap + 1`.
+        let top = bin.top.get();
+        top.write(NonNull::new_unchecked(region.cast::<u8>()));
+        bin.top.set(top.add(1));
     }
     publish_now_and_then(t);
     first
@@ -552,12 +646,11 @@ fn touch(t: &ThreadBins, bins: &Bins) {
 /// returns how many it got.
 unsafe fn grow(t: &ThreadBins, bins: &Bins, bin: &Bin, class: usize, more: u32) -> u32 {
     let size = class_size(class);
-    let more = more.min(CAP[class] - bin.cap.get());
+    let more = more.min(CAP[class] - bin.cap());
     while t.committed.get() + more as usize * size > BUDGET && reclaim_least_recent(t, bins) {}
     let more = more.min((BUDGET.saturating_sub(t.committed.get()) / size) as u32);
     if more > 0 {
-        bin.cap.set(bin.cap.get() + more);
-        bin.room.set(bin.room.get() + more);
+        bin.set_cap(bin.cap() + more);
         t.committed.set(t.committed.get() + more as usize * size);
         bins.capacity.set(bins.capacity.get() + more as usize * size);
     }
@@ -566,27 +659,47 @@ unsafe fn grow(t: &ThreadBins, bins: &Bins, bin: &Bin, class: usize, more: u32) 
 
 /// Takes all capacity from the lists of the component (other than `keep`'s) the thread
 /// used least recently, returning what they hold to jemalloc; false if none has any.
+/// The lists themselves are freed (a component's take up to 16 KiB of stacks): a thread keeps
+/// lists only for the components that hold some of its budget, and lists without any
+/// capacity are freed on the way.
 unsafe fn reclaim_least_recent(t: &ThreadBins, keep: &Bins) -> bool {
-    let mut oldest: Option<&Bins> = None;
-    for cell in &t.lists {
+    let mut oldest: Option<usize> = None;
+    for (slot, cell) in t.lists.iter().enumerate() {
         let bins = &*cell.get();
-        if std::ptr::eq(bins, &NONE.0) || std::ptr::eq(bins, keep) || bins.capacity.get() == 0 {
+        if std::ptr::eq(bins, &NONE.0) || std::ptr::eq(bins, keep) {
             continue;
         }
-        if oldest.is_none_or(|o| bins.used.get() < o.used.get()) {
-            oldest = Some(bins);
+        if bins.capacity.get() == 0 {
+            drop_bins(t, slot);
+            continue;
+        }
+        if oldest.is_none_or(|o| bins.used.get() < (*t.lists[o].get()).used.get()) {
+            oldest = Some(slot);
         }
     }
-    let Some(bins) = oldest else {
+    let Some(slot) = oldest else {
         return false;
     };
-    for (class, bin) in bins.bins.iter().enumerate() {
-        release_list(bin.head.replace(std::ptr::null_mut()), class);
-        bin.cap.set(0);
-        bin.room.set(0);
-    }
-    t.committed.set(t.committed.get() - bins.capacity.replace(0));
+    drop_bins(t, slot);
     true
+}
+
+/// Returns what the thread's lists for `slot` hold to jemalloc, takes back their capacity
+/// and frees them; the slot then has none (`NONE`).
+unsafe fn drop_bins(t: &ThreadBins, slot: usize) {
+    let bins = t.lists[slot].replace(&NONE.0);
+    if std::ptr::eq(bins, &NONE.0) {
+        return;
+    }
+    for (class, bin) in (*bins).bins.iter().enumerate() {
+        release_oldest(bin, class, bin.held());
+    }
+    t.committed.set(t.committed.get() - (*bins).capacity.get());
+    sys::sdallocx(
+        bins.cast_mut().cast(),
+        std::mem::size_of::<Bins>(),
+        sys::MALLOCX_TCACHE_NONE,
+    );
 }
 
 /// A free that found its list full (or no list): the list grows if the budget allows; if
@@ -602,7 +715,7 @@ unsafe fn overflow(state: &ThreadState, slot: u8, class: usize, region: *mut u8)
     touch(t, bins);
     let bin = &bins.bins[class];
     if grow(t, bins, bin, class, REFILL[class].load(Relaxed)) == 0 {
-        if bin.cap.get() > 0 {
+        if bin.cap() > 0 {
             halve(bin, class);
         } else {
             release(region, class);
@@ -626,21 +739,23 @@ const TRIM_AFTER: u32 = 256;
 
 /// Returns the older half of a list (rounded up) to jemalloc.
 unsafe fn halve(bin: &Bin, class: usize) {
-    let held = bin.cap.get() - bin.room.get();
-    let released = release_list(cut(bin, held / 2), class);
-    bin.room.set(bin.room.get() + released);
+    let held = bin.held();
+    release_oldest(bin, class, held - held / 2);
 }
 
-/// Detaches and returns the part of a list after its first `keep` regions.
-unsafe fn cut(bin: &Bin, keep: u32) -> *mut u8 {
-    if keep == 0 {
-        return bin.head.replace(std::ptr::null_mut());
+/// Returns the `count` oldest regions of a list (the bottom of its stack) to jemalloc and
+/// moves the rest down.
+unsafe fn release_oldest(bin: &Bin, class: usize, count: u32) {
+    let (base, held) = (bin.base(), bin.held());
+    let count = count.min(held);
+    if count == 0 {
+        return;
     }
-    let mut last_kept = bin.head.get();
-    for _ in 1..keep {
-        last_kept = last_kept.cast::<*mut u8>().read();
+    for i in 0..count as usize {
+        release(base.add(i).read().as_ptr(), class);
     }
-    last_kept.cast::<*mut u8>().replace(std::ptr::null_mut())
+    std::ptr::copy(base.add(count as usize), base, (held - count) as usize);
+    bin.top.set(base.add((held - count) as usize));
 }
 
 /// Halves the capacity of every list of the thread (returning what no longer fits), and
@@ -657,16 +772,14 @@ unsafe fn trim_all(t: &ThreadBins) {
             continue;
         }
         for (class, bin) in (*bins).bins.iter().enumerate() {
-            let cap = bin.cap.get();
+            let cap = bin.cap();
             if cap == 0 {
                 continue;
             }
             let new_cap = cap / 2;
-            let held = cap - bin.room.get();
-            let kept = held.min(new_cap);
-            release_list(cut(bin, kept), class);
-            bin.cap.set(new_cap);
-            bin.room.set(new_cap - kept);
+            let held = bin.held();
+            release_oldest(bin, class, held - held.min(new_cap));
+            bin.set_cap(new_cap);
             let freed = (cap - new_cap) as usize * class_size(class);
             t.committed.set(t.committed.get() - freed);
             (*bins).capacity.set((*bins).capacity.get() - freed);
@@ -699,43 +812,18 @@ pub(crate) unsafe fn release(region: *mut u8, class: usize) {
     sys::sdallocx(region.cast(), class_size(class), 0);
 }
 
-/// Returns a list of regions of `class` to their arena; how many there were.
-unsafe fn release_list(mut region: *mut u8, class: usize) -> u32 {
-    let mut count = 0;
-    while !region.is_null() {
-        let next = region.cast::<*mut u8>().read();
-        release(region, class);
-        region = next;
-        count += 1;
-    }
-    count
-}
-
 /// Returns an exiting thread's regions to their arenas, frees its lists and destroys its
 /// tcache; its later small allocations take a tag, and placed regions it frees go to
 /// jemalloc directly. Arenas
 /// no other live thread keeps lists for are then purged (`arenas::user_left`), once
 /// everything the thread held is back in them: its automatic tcache is flushed first.
 pub(crate) fn release_thread(t: &ThreadBins) {
-    let mut left = [false; SLOTS];
-    for (slot, cell) in t.lists.iter().enumerate() {
-        let bins = cell.replace(&NONE.0);
-        if std::ptr::eq(bins, &NONE.0) {
-            continue;
-        }
-        left[slot] = true;
-        // SAFETY: lists this thread made, no longer reachable from its state; each
-        // holds free regions of its class only.
-        unsafe {
-            for (class, bin) in (*bins).bins.iter().enumerate() {
-                release_list(bin.head.get(), class);
-            }
-            sys::sdallocx(
-                bins.cast_mut().cast(),
-                std::mem::size_of::<Bins>(),
-                sys::MALLOCX_TCACHE_NONE,
-            );
-        }
+    let joined = t.joined.replace(0);
+    let left: [bool; SLOTS] = std::array::from_fn(|slot| joined & (1u128 << slot) != 0);
+    for slot in 0..SLOTS {
+        // SAFETY: lists this thread made (or none), each holding free regions of its
+        // class only.
+        unsafe { drop_bins(t, slot) };
     }
     t.committed.set(0);
     publish(t);
@@ -745,7 +833,7 @@ pub(crate) fn release_thread(t: &ThreadBins) {
         // is not a live tcache, which leaves nothing to do.
         let _ = unsafe { raw::write::<c_uint>(b"tcache.destroy\0", tcache - 1) };
     }
-    if left.iter().any(|&l| l) {
+    if joined != 0 {
         flush_automatic_tcache();
     }
     for (slot, _) in left.iter().enumerate().filter(|(_, &l)| l) {
@@ -768,5 +856,43 @@ mod tests {
                 "class {size}: one list may not take the budget"
             );
         }
+    }
+
+    #[test]
+    fn a_components_lists_take_at_most_16_kib_with_a_stack_slot_per_region_of_capacity() {
+        // The bound README and the module docs state.
+        assert!(
+            std::mem::size_of::<Bins>() <= 16 << 10,
+            "{}",
+            std::mem::size_of::<Bins>()
+        );
+        for class in 0..CLASSES {
+            assert_eq!(STACK_AT[class + 1] - STACK_AT[class], CAP[class] as usize);
+        }
+    }
+
+    #[test]
+    fn a_stack_counts_what_it_holds_and_its_capacity_from_its_addresses() {
+        let mut slots = [NonNull::<u8>::dangling(); 8];
+        let base = slots.as_mut_ptr();
+        let bin = Bin {
+            top: Cell::new(base),
+            bottom: Cell::new(Bin::low(base)),
+            limit: Cell::new(Bin::low(base)),
+        };
+        assert_eq!((bin.held(), bin.cap()), (0, 0));
+        bin.set_cap(8);
+        let mut regions = [0u8; 8];
+        for i in 0..8 {
+            // SAFETY: `slots` has room for 8.
+            unsafe { bin.top.get().write(NonNull::from(&mut regions[i])) };
+            bin.top.set(bin.top.get().wrapping_add(1));
+        }
+        assert_eq!((bin.held(), bin.cap(), bin.base()), (8, 8, base));
+        assert_eq!(Bin::low(bin.top.get()), bin.limit.get(), "full");
+        bin.set_cap(8);
+        bin.top.set(bin.top.get().wrapping_sub(3));
+        assert_eq!((bin.held(), bin.cap(), bin.base()), (5, 8, base));
+        let _ = &mut slots;
     }
 }
