@@ -221,33 +221,62 @@ pub(crate) struct Stack {
     pub(crate) span: Option<&'static str>,
     pub(crate) alloc_objects: f64,
     pub(crate) alloc_space: f64,
+    /// The next stack with the same [`stack_hash`], or [`NO_STACK`].
+    next: u32,
 }
 
-/// What tells two sampled stacks apart: frames, component, span.
-type StackKey = (Box<[usize]>, u8, Option<&'static str>);
+const NO_STACK: u32 = u32::MAX;
+
+/// A hash of a sampled stack's frames and component (FxHash's step per word); stacks that
+/// differ only by span share it. Known stacks are found by it without building a key (a
+/// boxed copy of the frames and a SipHash over them cost about a third of a sample).
+fn stack_hash(frames: &[usize], slot: u8) -> u64 {
+    const K: u64 = 0x517c_c1b7_2722_0a95;
+    let step = |h: u64, word: u64| (h.rotate_left(5) ^ word).wrapping_mul(K);
+    let mut h = step(0, u64::from(slot));
+    for &frame in frames {
+        h = step(h, frame as u64);
+    }
+    h
+}
 
 #[derive(Default)]
 pub(crate) struct Table {
     live: HashMap<usize, Live>,
-    index: HashMap<StackKey, u32>,
+    /// The first stack of each [`stack_hash`]; the others follow its `next`.
+    index: HashMap<u64, u32>,
     stacks: Vec<Stack>,
 }
 
 impl Table {
+    /// The index of the stack with these frames, component and span, if sampled before.
+    fn find(&self, hash: u64, frames: &[usize], slot: u8, span: Option<&'static str>) -> Option<u32> {
+        let mut i = *self.index.get(&hash)?;
+        while i != NO_STACK {
+            let stack = &self.stacks[i as usize];
+            if stack.slot == slot && stack.span == span && *stack.frames == *frames {
+                return Some(i);
+            }
+            i = stack.next;
+        }
+        None
+    }
+
     fn insert(&mut self, ptr: usize, frames: &[usize], slot: u8, span: Option<&'static str>, size: usize, weight: f64) {
-        let key = (Box::<[usize]>::from(frames), slot, span);
-        let stack = match self.index.get(&key) {
-            Some(&i) => i,
+        let hash = stack_hash(frames, slot);
+        let stack = match self.find(hash, frames, slot, span) {
+            Some(i) => i,
             None => {
                 let i = self.stacks.len() as u32;
+                let next = self.index.insert(hash, i).unwrap_or(NO_STACK);
                 self.stacks.push(Stack {
-                    frames: key.0.clone(),
+                    frames: frames.into(),
                     slot,
                     span,
                     alloc_objects: 0.0,
                     alloc_space: 0.0,
+                    next,
                 });
-                self.index.insert(key, i);
                 i
             }
         };
@@ -325,4 +354,58 @@ extern "C" fn after_fork_in_child() {
     FORKED.store(true, Relaxed);
     TABLE.lock.store(false, Relaxed);
     EPOCH.fetch_add(1, Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each stack's (frames, component, span, allocated objects, in-use objects).
+    fn stacks(table: &Table) -> Vec<(Vec<usize>, u8, Option<&'static str>, f64, f64)> {
+        let mut out = Vec::new();
+        table.each(|s, inuse, _| out.push((s.frames.to_vec(), s.slot, s.span, s.alloc_objects, inuse)));
+        out
+    }
+
+    #[test]
+    fn samples_of_one_stack_component_and_span_share_an_entry_and_others_do_not() {
+        let mut table = Table::default();
+        table.insert(0x10, &[1, 2, 3], 1, None, 8, 1.0);
+        table.insert(0x20, &[1, 2, 3], 1, None, 8, 1.0);
+        table.insert(0x30, &[1, 2, 3], 2, None, 8, 1.0);
+        table.insert(0x40, &[1, 2, 3], 1, Some("request"), 8, 1.0);
+        // The same name from another string: spans are told apart by name, not by address.
+        let name: &'static str = String::from("request").leak();
+        table.insert(0x50, &[1, 2, 3], 1, Some(name), 8, 1.0);
+        table.insert(0x60, &[1, 2], 1, None, 8, 1.0);
+        assert_eq!(
+            stacks(&table),
+            vec![
+                (vec![1, 2, 3], 1, None, 2.0, 2.0),
+                (vec![1, 2, 3], 2, None, 1.0, 1.0),
+                (vec![1, 2, 3], 1, Some("request"), 2.0, 2.0),
+                (vec![1, 2], 1, None, 1.0, 1.0),
+            ]
+        );
+    }
+
+    #[test]
+    fn stacks_whose_hashes_collide_stay_apart() {
+        let mut table = Table::default();
+        // Put two different stacks under one hash, as a collision would.
+        table.insert(0x10, &[7], 1, None, 8, 1.0);
+        let hash = stack_hash(&[7], 1);
+        let next = table.index.insert(hash, table.stacks.len() as u32).unwrap_or(NO_STACK);
+        table.stacks.push(Stack {
+            frames: Box::new([9]),
+            slot: 1,
+            span: None,
+            alloc_objects: 0.0,
+            alloc_space: 0.0,
+            next,
+        });
+        assert_eq!(table.find(hash, &[7], 1, None), Some(0));
+        assert_eq!(table.find(hash, &[9], 1, None), Some(1));
+        assert_eq!(table.find(hash, &[8], 1, None), None);
+    }
 }
