@@ -883,9 +883,9 @@ mod tests {
         assert_eq!((bin.held(), bin.cap()), (0, 0));
         bin.set_cap(8);
         let mut regions = [0u8; 8];
-        for i in 0..8 {
+        for region in &mut regions {
             // SAFETY: `slots` has room for 8.
-            unsafe { bin.top.get().write(NonNull::from(&mut regions[i])) };
+            unsafe { bin.top.get().write(NonNull::from(region)) };
             bin.top.set(bin.top.get().wrapping_add(1));
         }
         assert_eq!((bin.held(), bin.cap(), bin.base()), (8, 8, base));

@@ -360,8 +360,10 @@ extern "C" fn after_fork_in_child() {
 mod tests {
     use super::*;
 
-    /// Each stack's (frames, component, span, allocated objects, in-use objects).
-    fn stacks(table: &Table) -> Vec<(Vec<usize>, u8, Option<&'static str>, f64, f64)> {
+    /// A stack's frames, component, span, allocated objects and in-use objects.
+    type Seen = (Vec<usize>, u8, Option<&'static str>, f64, f64);
+
+    fn stacks(table: &Table) -> Vec<Seen> {
         let mut out = Vec::new();
         table.each(|s, inuse, _| out.push((s.frames.to_vec(), s.slot, s.span, s.alloc_objects, inuse)));
         out
