@@ -51,7 +51,8 @@ pub fn profile_router(monitor: MemoryMonitor) -> Router {
         .route(PROFILE_PATH, get(profile).fallback(method_not_allowed))
         .with_state(Arc::new(Rendered {
             monitor,
-            body: BodyCache::new(1),
+            // Plain and gzipped: a script and the page polling side by side share a snapshot.
+            body: BodyCache::new(2),
         }))
 }
 

@@ -192,9 +192,26 @@ impl Bin {
         self.limit.set(self.bottom.get().wrapping_add(cap * SLOT));
     }
 
+    /// Whether the list's capacity is `regions` (one comparison, no division).
+    #[inline(always)]
+    fn has_cap(&self, regions: u32) -> bool {
+        self.limit.get().wrapping_sub(self.bottom.get()) == regions * SLOT
+    }
+
     /// The stack's first slot.
     fn base(&self) -> *mut NonNull<u8> {
         self.top.get().wrapping_sub(self.held() as usize)
+    }
+
+    /// Puts `region` on top of the stack.
+    ///
+    /// # Safety
+    /// The stack is below its limit, and `region` is not null.
+    #[inline(always)]
+    unsafe fn put(&self, region: *mut u8) {
+        let top = self.top.get();
+        top.write(NonNull::new_unchecked(region));
+        self.top.set(top.add(1));
     }
 }
 
@@ -374,10 +391,7 @@ pub(crate) unsafe fn push(state: &ThreadState, slot: u8, class: usize, region: *
         return false;
     }
     // SAFETY: below the limit, within the stack (a list with capacity has one).
-    unsafe {
-        top.write(NonNull::new_unchecked(region));
-        bin.top.set(top.add(1));
-    }
+    unsafe { bin.put(region) };
     true
 }
 
@@ -403,7 +417,7 @@ pub(crate) fn push_or_pass(state: &ThreadState, slot: u8, class: usize) -> Freed
         return Freed::Kept;
     }
     // SAFETY: as in `pop`. `NONE`'s lists have no capacity, so they are never passed.
-    if bin.limit.get().wrapping_sub(bin.bottom.get()) == unsafe { *CAP.get_unchecked(class) } * SLOT {
+    if bin.has_cap(unsafe { *CAP.get_unchecked(class) }) {
         Freed::Passed
     } else {
         Freed::No
@@ -418,11 +432,7 @@ pub(crate) unsafe fn push_unchecked(state: &ThreadState, slot: u8, class: usize,
     // SAFETY: as in `pop`.
     let bin = unsafe { bins(t, slot).bins.get_unchecked(class) };
     // SAFETY: `push_or_pass` found the stack below its limit.
-    unsafe {
-        let top = bin.top.get();
-        top.write(NonNull::new_unchecked(region));
-        bin.top.set(top.add(1));
-    }
+    unsafe { bin.put(region) };
 }
 
 /// A free region of `class` for `slot`, refilling the list if it is empty; null if
@@ -580,9 +590,7 @@ unsafe fn refill(state: &ThreadState, slot: u8, class: usize) -> *mut u8 {
             continue;
         }
         // At most `cap` regions besides `first`: `want` is at most `cap + 1`.
-        let top = bin.top.get();
-        top.write(NonNull::new_unchecked(region.cast::<u8>()));
-        bin.top.set(top.add(1));
+        bin.put(region.cast::<u8>());
     }
     publish_now_and_then(t);
     first
@@ -819,7 +827,6 @@ pub(crate) unsafe fn release(region: *mut u8, class: usize) {
 /// everything the thread held is back in them: its automatic tcache is flushed first.
 pub(crate) fn release_thread(t: &ThreadBins) {
     let joined = t.joined.replace(0);
-    let left: [bool; SLOTS] = std::array::from_fn(|slot| joined & (1u128 << slot) != 0);
     for slot in 0..SLOTS {
         // SAFETY: lists this thread made (or none), each holding free regions of its
         // class only.
@@ -836,8 +843,8 @@ pub(crate) fn release_thread(t: &ThreadBins) {
     if joined != 0 {
         flush_automatic_tcache();
     }
-    for (slot, _) in left.iter().enumerate().filter(|(_, &l)| l) {
-        arenas::user_left(slot as u8);
+    for slot in (0..SLOTS as u8).filter(|&slot| joined & (1u128 << slot) != 0) {
+        arenas::user_left(slot);
     }
 }
 
@@ -882,17 +889,15 @@ mod tests {
         };
         assert_eq!((bin.held(), bin.cap()), (0, 0));
         bin.set_cap(8);
+        assert!(bin.has_cap(8));
         let mut regions = [0u8; 8];
         for region in &mut regions {
-            // SAFETY: `slots` has room for 8.
-            unsafe { bin.top.get().write(NonNull::from(region)) };
-            bin.top.set(bin.top.get().wrapping_add(1));
+            // SAFETY: `slots` has room for 8, and a reference is not null.
+            unsafe { bin.put(region) };
         }
         assert_eq!((bin.held(), bin.cap(), bin.base()), (8, 8, base));
         assert_eq!(Bin::low(bin.top.get()), bin.limit.get(), "full");
-        bin.set_cap(8);
         bin.top.set(bin.top.get().wrapping_sub(3));
         assert_eq!((bin.held(), bin.cap(), bin.base()), (5, 8, base));
-        let _ = &mut slots;
     }
 }

@@ -262,23 +262,26 @@ impl Table {
         None
     }
 
+    /// A new stack entry, first of its hash's chain; returns its index.
+    fn add_stack(&mut self, hash: u64, frames: &[usize], slot: u8, span: Option<&'static str>) -> u32 {
+        let i = self.stacks.len() as u32;
+        let next = self.index.insert(hash, i).unwrap_or(NO_STACK);
+        self.stacks.push(Stack {
+            frames: frames.into(),
+            slot,
+            span,
+            alloc_objects: 0.0,
+            alloc_space: 0.0,
+            next,
+        });
+        i
+    }
+
     fn insert(&mut self, ptr: usize, frames: &[usize], slot: u8, span: Option<&'static str>, size: usize, weight: f64) {
         let hash = stack_hash(frames, slot);
         let stack = match self.find(hash, frames, slot, span) {
             Some(i) => i,
-            None => {
-                let i = self.stacks.len() as u32;
-                let next = self.index.insert(hash, i).unwrap_or(NO_STACK);
-                self.stacks.push(Stack {
-                    frames: frames.into(),
-                    slot,
-                    span,
-                    alloc_objects: 0.0,
-                    alloc_space: 0.0,
-                    next,
-                });
-                i
-            }
+            None => self.add_stack(hash, frames, slot, span),
         };
         let s = &mut self.stacks[stack as usize];
         s.alloc_objects += weight;
@@ -397,15 +400,7 @@ mod tests {
         // Put two different stacks under one hash, as a collision would.
         table.insert(0x10, &[7], 1, None, 8, 1.0);
         let hash = stack_hash(&[7], 1);
-        let next = table.index.insert(hash, table.stacks.len() as u32).unwrap_or(NO_STACK);
-        table.stacks.push(Stack {
-            frames: Box::new([9]),
-            slot: 1,
-            span: None,
-            alloc_objects: 0.0,
-            alloc_space: 0.0,
-            next,
-        });
+        table.add_stack(hash, &[9], 1, None);
         assert_eq!(table.find(hash, &[7], 1, None), Some(0));
         assert_eq!(table.find(hash, &[9], 1, None), Some(1));
         assert_eq!(table.find(hash, &[8], 1, None), None);
