@@ -43,6 +43,8 @@ mod chunks;
 #[cfg(feature = "jemalloc")]
 mod classes;
 pub(crate) mod counters;
+#[cfg(all(feature = "profiling", target_arch = "x86_64"))]
+mod eh_frame;
 #[cfg(feature = "tracing")]
 mod layer;
 pub(crate) mod registry;

@@ -1,13 +1,15 @@
 //! The stacks of sampled allocations: walked by frame pointers when the frames keep them
 //! (checked against a DWARF unwind of the same stack, first and then every so often), else
-//! unwound from the DWARF tables by `backtrace`.
+//! unwound from the DWARF tables: by `framehop` with its cache of unwind rules (x86_64, see
+//! `eh_frame`), or by `backtrace` where that cannot reach the stack's end.
 //!
-//! A DWARF unwind costs about 35,000 instructions for a 20-frame stack, which at a 512 KiB
-//! interval made an allocation-bound loop 1.5× slower; a frame-pointer walk costs a few per
-//! frame. Rust's standard library keeps frame pointers; the rest of a program does when built
-//! with `-C force-frame-pointers=yes`. A program built without them (or a stack through C
-//! code that omits them) fails the check, and every stack is then unwound from DWARF, as
-//! before: the check costs one DWARF unwind per [`CHECK_EVERY`] samples.
+//! A walk costs a few instructions per frame; framehop, once it has seen a stack's code,
+//! about 160 per frame; `backtrace` about 35,000 for a 20-frame stack, which at a 512 KiB
+//! interval made an allocation-bound loop 1.5× slower. Rust's standard library keeps frame
+//! pointers; the rest of a program does when built with `-C force-frame-pointers=yes`. A
+//! program built without them (or a stack through C code that omits them) fails the check,
+//! and every stack is then unwound from DWARF: the check costs one DWARF unwind per
+//! [`CHECK_EVERY`] samples.
 //!
 //! The walk reads only within the thread's stack (its top from `pthread_getattr_np`, once per
 //! thread; its bottom the walk's own frame), each frame record above the last: a function
@@ -55,12 +57,9 @@ pub fn heap_profile_unwinder() -> &'static str {
 #[inline(never)]
 pub(crate) fn capture(stack_top: &Cell<usize>, frames: &mut [usize]) -> usize {
     let mode = MODE.load(Relaxed);
-    if mode == DWARF || !cfg!(any(target_arch = "x86_64", target_arch = "aarch64")) {
-        return dwarf(frames);
-    }
     let top = thread_stack_top(stack_top);
-    if top <= 1 {
-        return dwarf(frames);
+    if mode == DWARF || top <= 1 || !cfg!(any(target_arch = "x86_64", target_arch = "aarch64")) {
+        return dwarf(top, frames);
     }
     let walked = walk(top, frames);
     let n = WALKED.fetch_add(1, Relaxed);
@@ -68,7 +67,7 @@ pub(crate) fn capture(stack_top: &Cell<usize>, frames: &mut [usize]) -> usize {
         return walked;
     }
     let mut unwound = [0usize; super::sampler::DEPTH];
-    let full = dwarf(&mut unwound[..frames.len().min(super::sampler::DEPTH)]);
+    let full = dwarf(top, &mut unwound[..frames.len().min(super::sampler::DEPTH)]);
     if agrees(&frames[..walked], &unwound[..full], frames.len()) {
         if mode == UNDECIDED && AGREED.fetch_add(1, Relaxed) + 1 >= CHECKS_TO_TRUST {
             let _ = MODE.compare_exchange(UNDECIDED, FRAME_POINTERS, Relaxed, Relaxed);
@@ -81,8 +80,17 @@ pub(crate) fn capture(stack_top: &Cell<usize>, frames: &mut [usize]) -> usize {
     }
 }
 
-/// A DWARF unwind of the calling stack into `frames` (no allocation); how many frames.
-fn dwarf(frames: &mut [usize]) -> usize {
+/// A DWARF unwind of the calling stack into `frames`; how many frames. By `framehop` with
+/// its cache of rules where it reaches the stack's end (see `eh_frame`), else by
+/// `backtrace`. `top` is the thread's stack top (1 if unknown).
+fn dwarf(top: usize, frames: &mut [usize]) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if top > 1 {
+        if let Some(depth) = super::eh_frame::unwind(top, frames) {
+            return depth;
+        }
+    }
+    let _ = top;
     let mut depth = 0;
     // SAFETY: tracing without synchronization only risks a garbled stack if another thread
     // traces at the same time through the same unwinder state; the unwinder used here is
