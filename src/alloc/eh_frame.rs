@@ -14,6 +14,10 @@
 //! which address each cache holds there is kept here, and a frame goes to the cache that
 //! holds its address, else replaces one in turn.
 //!
+//! Before any of that, a stack from a call path unwound before is recalled from
+//! `unwind_memo` by re-reading the stack words its unwind read, which costs a few dozen
+//! reads of the thread's own (hot) stack instead of a walk through the caches.
+//!
 //! The module list is read with `dl_iterate_phdr` at the first unwind, and again when an
 //! unwind fails and the loader counts loads or unloads since (`dlpi_adds`, `dlpi_subs`).
 //! All of this runs with the thread's sampling held off (the sampler's `busy` flag), so
@@ -22,7 +26,7 @@
 //! unwind's own stack pointer to the thread's stack top), so a garbled frame can only end
 //! the unwind early: the caller then unwinds that stack with `backtrace`.
 //!
-//! One unwinder and set of caches (about 70 KiB) serve every thread, behind a spin lock
+//! One unwinder, set of caches and memo (about 110 KiB) serve every thread, behind a spin lock
 //! held for one unwind (a microsecond or two); a `fork` child never samples, so never
 //! takes it.
 
@@ -32,6 +36,9 @@ use std::sync::atomic::{AtomicBool, Ordering::Acquire, Ordering::Relaxed, Orderi
 use framehop::x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64};
 use framehop::{ExplicitModuleSectionInfo, FrameAddress, MayAllocateDuringUnwind, Module, Unwinder};
 
+use super::sampler::DEPTH;
+use super::unwind_memo::{Memo, Recording, NO_FRAME_POINTER};
+
 type Policy = MayAllocateDuringUnwind;
 
 /// framehop's cache slots (its `CACHE_ENTRY_COUNT`; another count only costs hit rate).
@@ -39,16 +46,22 @@ const SLOTS: usize = 509;
 /// framehop caches used as one set-associative cache.
 const WAYS: usize = 4;
 
-/// The unwinder over the loaded modules, and its rule caches.
+/// The unwinder over the loaded modules, its rule caches, and the stacks it unwound.
 struct Modules {
     unwinder: UnwinderX86_64<&'static [u8], Policy>,
+    ways: Ways,
+    memo: Memo,
+    /// The loader's loads + unloads when the list was read.
+    generation: u64,
+}
+
+/// framehop's rule caches as one set-associative cache.
+struct Ways {
     caches: [CacheX86_64<Policy>; WAYS],
     /// For each slot, the lookup address each cache holds there (0: none).
     held: Box<[[u64; WAYS]; SLOTS]>,
     /// For each slot, the cache whose address is replaced next.
     next: Box<[u8; SLOTS]>,
-    /// The loader's loads + unloads when the list was read.
-    generation: u64,
 }
 
 struct Shared {
@@ -86,7 +99,7 @@ pub(crate) fn unwind(top: usize, frames: &mut [usize]) -> Option<usize> {
         );
     }
     let (bottom, top) = (sp, top as u64);
-    let mut read_stack = |addr: u64| {
+    let read_stack = |addr: u64| {
         if addr >= bottom && addr.is_multiple_of(8) && addr.checked_add(8).is_some_and(|end| end <= top) {
             // SAFETY: [addr, addr + 8) lies within this thread's live stack (checked).
             Ok(unsafe { std::ptr::read_volatile(addr as *const u64) })
@@ -95,36 +108,120 @@ pub(crate) fn unwind(top: usize, frames: &mut [usize]) -> Option<usize> {
         }
     };
     with_modules(|m| {
-        let mut address = FrameAddress::from_instruction_pointer(pc);
-        let mut regs = UnwindRegsX86_64::new(pc, sp, bp);
-        let mut depth = 0;
-        loop {
-            let Some(slot) = frames.get_mut(depth) else {
-                // Full: the rest of the stack is cut off, as with any unwinder.
-                return Some(depth);
-            };
-            *slot = address.address() as usize;
-            depth += 1;
-            let way = m.way_for(address.address_for_lookup());
-            match m
-                .unwinder
-                .unwind_frame(address, &mut regs, &mut m.caches[way], &mut read_stack)
-            {
-                Ok(Some(next)) => match FrameAddress::from_return_address(next) {
-                    Some(next) => address = next,
-                    None => return Some(depth),
-                },
-                Ok(None) => return Some(depth),
-                Err(_) => {
-                    if loader_generation().is_some_and(|g| g != m.generation) {
-                        // Libraries came or went: read the list again for the next unwind.
-                        *m = Modules::read()?;
-                    }
-                    return None;
+        if let Some(depth) = m.memo.recall(sp, bp, frames, read_stack) {
+            #[cfg(test)]
+            tests::RECALLS.fetch_add(1, Relaxed);
+            return Some(depth);
+        }
+        // Without the frame-pointer register first: a stack that unwinds so is
+        // remembered for any value of it.
+        let unwound = m
+            .unwind_remembered(pc, sp, NO_FRAME_POINTER, frames, read_stack)
+            .or_else(|()| m.unwind_remembered(pc, sp, bp, frames, read_stack));
+        match unwound {
+            Ok(depth) => Some(depth),
+            Err(()) => {
+                if loader_generation().is_some_and(|g| g != m.generation) {
+                    // Libraries came or went: read the list again for the next unwind.
+                    *m = Modules::read()?;
                 }
+                None
             }
         }
     })
+}
+
+/// The stack reads of an unwind: from the stack, or replayed.
+trait StackReads {
+    fn read(&mut self, addr: u64) -> Result<u64, ()>;
+    /// The last read was a frame's return address.
+    fn returned(&mut self);
+}
+
+/// Reads the stack and logs each read for the memo.
+struct Logged<'m, F> {
+    read_stack: F,
+    recording: Recording<'m>,
+}
+
+impl<F: Fn(u64) -> Result<u64, ()>> StackReads for Logged<'_, F> {
+    fn read(&mut self, addr: u64) -> Result<u64, ()> {
+        let value = (self.read_stack)(addr)?;
+        self.recording.read(addr, value);
+        Ok(value)
+    }
+
+    fn returned(&mut self) {
+        self.recording.returned();
+    }
+}
+
+/// Replays a logged unwind's reads, those not in `kept` (bit i: read i) replaced by
+/// [`NO_FRAME_POINTER`]; fails at a read the log does not hold next.
+struct Replay<'l> {
+    log: &'l [(u64, u64)],
+    kept: u128,
+    at: usize,
+}
+
+impl StackReads for Replay<'_> {
+    fn read(&mut self, addr: u64) -> Result<u64, ()> {
+        let &(logged, value) = self.log.get(self.at).ok_or(())?;
+        if logged != addr {
+            return Err(());
+        }
+        let kept = self.kept >> self.at & 1 == 1;
+        self.at += 1;
+        Ok(if kept { value } else { NO_FRAME_POINTER })
+    }
+
+    fn returned(&mut self) {}
+}
+
+/// The logged reads (bit i: read i) whose value a later read used as its address: frame
+/// pointers restored and then followed (framehop reads `*bp` first when it unwinds by one).
+fn frame_pointers_used(log: &[(u64, u64)]) -> u128 {
+    let mut used = 0u128;
+    for (i, &(_, value)) in log.iter().enumerate() {
+        if log[i + 1..].iter().any(|&(addr, _)| addr == value) {
+            used |= 1 << i;
+        }
+    }
+    used
+}
+
+/// Unwinds from `pc` with `regs` into `frames`: how many, and whether they ran out before
+/// the stack's end; `Err` if the unwind failed before either.
+fn frames_from(
+    unwinder: &UnwinderX86_64<&'static [u8], Policy>,
+    ways: &mut Ways,
+    pc: u64,
+    mut regs: UnwindRegsX86_64,
+    frames: &mut [usize],
+    reads: &mut impl StackReads,
+) -> Result<(usize, bool), ()> {
+    let mut address = FrameAddress::from_instruction_pointer(pc);
+    let mut depth = 0;
+    loop {
+        let Some(slot) = frames.get_mut(depth) else {
+            // Full: the rest of the stack is cut off, as with any unwinder.
+            return Ok((depth, true));
+        };
+        *slot = address.address() as usize;
+        depth += 1;
+        let cache = ways.cache_for(address.address_for_lookup());
+        match unwinder.unwind_frame(address, &mut regs, cache, &mut |a| reads.read(a)) {
+            Ok(Some(next)) => {
+                reads.returned();
+                match FrameAddress::from_return_address(next) {
+                    Some(next) => address = next,
+                    None => return Ok((depth, false)),
+                }
+            }
+            Ok(None) => return Ok((depth, false)),
+            Err(_) => return Err(()),
+        }
+    }
 }
 
 /// Runs `f` on the module list under the lock, reading the list first if it was not yet.
@@ -161,15 +258,73 @@ impl Modules {
         }
         Some(Modules {
             unwinder,
-            caches: std::array::from_fn(|_| CacheX86_64::new()),
-            held: Box::new([[0; WAYS]; SLOTS]),
-            next: Box::new([0; SLOTS]),
+            ways: Ways {
+                caches: std::array::from_fn(|_| CacheX86_64::new()),
+                held: Box::new([[0; WAYS]; SLOTS]),
+                next: Box::new([0; SLOTS]),
+            },
+            memo: Memo::new(),
             generation: found.generation,
         })
     }
+}
 
+impl Modules {
+    /// Unwinds from `pc`, `sp` and `bp` into `frames`, remembering the stack and the reads
+    /// that found it; how many frames.
+    ///
+    /// Code without frame pointers saves and restores registers (the frame-pointer
+    /// register among them) that the unwind reads but, in the end, does not use; their
+    /// values differ from sample to sample. A restored frame pointer that an outer frame
+    /// does use shows as a later read at its value ([`frame_pointers_used`]). So the unwind
+    /// is replayed with every other restored register replaced by [`NO_FRAME_POINTER`]: if
+    /// it still finds the same stack, that stack depends only on the return addresses and
+    /// the frame pointers used, and only those reads are compared when it is recalled.
+    fn unwind_remembered(
+        &mut self,
+        pc: u64,
+        sp: u64,
+        bp: u64,
+        frames: &mut [usize],
+        read_stack: impl Fn(u64) -> Result<u64, ()>,
+    ) -> Result<usize, ()> {
+        let regs = UnwindRegsX86_64::new(pc, sp, bp);
+        let mut logged = Logged {
+            read_stack,
+            recording: self.memo.record(sp),
+        };
+        let (depth, cut) = frames_from(&self.unwinder, &mut self.ways, pc, regs, frames, &mut logged)?;
+        let recording = logged.recording;
+        let mut again = [0usize; DEPTH];
+        let again = &mut again[..frames.len().min(DEPTH)];
+        let (log, returns) = recording.log();
+        let compared = returns | frame_pointers_used(log);
+        let mut replay = Replay {
+            log,
+            kept: compared,
+            at: 0,
+        };
+        let replayed = frames_from(&self.unwinder, &mut self.ways, pc, regs, again, &mut replay);
+        let independent = replayed == Ok((depth, cut)) && again[..depth] == frames[..depth] && replay.at == log.len();
+        recording.keep(
+            sp,
+            bp,
+            &frames[..depth],
+            cut,
+            if independent { compared } else { u128::MAX },
+        );
+        Ok(depth)
+    }
+}
+
+impl Ways {
     /// The cache to unwind the frame at `lookup` with: the one holding its rule, else the
     /// slot's next in turn (which the unwind then fills with it).
+    fn cache_for(&mut self, lookup: u64) -> &mut CacheX86_64<Policy> {
+        let way = self.way_for(lookup);
+        &mut self.caches[way]
+    }
+
     fn way_for(&mut self, lookup: u64) -> usize {
         let slot = (lookup % SLOTS as u64) as usize;
         let held = &mut self.held[slot];
@@ -294,6 +449,63 @@ fn loader_generation() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    /// Stacks recalled from the memo instead of unwound.
+    pub(super) static RECALLS: AtomicU64 = AtomicU64::new(0);
+
+    fn stack_top() -> usize {
+        // SAFETY: as in `unwind::read_stack_top`.
+        unsafe {
+            let mut attr: libc::pthread_attr_t = std::mem::zeroed();
+            assert_eq!(libc::pthread_getattr_np(libc::pthread_self(), &mut attr), 0);
+            let (mut addr, mut size) = (std::ptr::null_mut(), 0usize);
+            assert_eq!(libc::pthread_attr_getstack(&attr, &mut addr, &mut size), 0);
+            libc::pthread_attr_destroy(&mut attr);
+            addr as usize + size
+        }
+    }
+
+    #[inline(never)]
+    fn from_a(top: usize) -> Vec<usize> {
+        let mut frames = [0usize; 64];
+        let depth = std::hint::black_box(unwind(top, &mut frames)).expect("an unwind");
+        frames[..depth].to_vec()
+    }
+
+    #[inline(never)]
+    fn from_b(top: usize) -> Vec<usize> {
+        let mut frames = [0usize; 64];
+        let depth = std::hint::black_box(unwind(top, &mut frames)).expect("an unwind");
+        frames[..depth].to_vec()
+    }
+
+    #[test]
+    fn a_recalled_stack_is_the_one_unwound_and_another_path_is_not_recalled_for_it() {
+        std::thread::spawn(|| {
+            let top = stack_top();
+            let recalls = RECALLS.load(Relaxed);
+            let mut first = None;
+            for _ in 0..4 {
+                let (a, b) = (from_a(top), from_b(top));
+                let (a0, b0) = first.get_or_insert_with(|| (a.clone(), b.clone()));
+                // The same call path gives the same stack each time.
+                assert_eq!(&a, a0);
+                assert_eq!(&b, b0);
+                // Two paths, likely from the same stack pointer: they differ in the
+                // function that unwound and in the closure's call site, not beyond.
+                assert_ne!(a[1], b[1]);
+                assert_ne!(a[2], b[2]);
+                assert_eq!(a[3..], b[3..]);
+            }
+            assert!(
+                RECALLS.load(Relaxed) >= recalls + 6,
+                "the stacks were unwound again, not recalled"
+            );
+        })
+        .join()
+        .unwrap();
+    }
 
     #[test]
     fn the_eh_frame_pointer_is_decoded_in_each_encoding() {
@@ -311,9 +523,23 @@ mod tests {
     }
 
     #[test]
+    fn a_restored_frame_pointer_counts_as_used_when_a_later_read_follows_it() {
+        // Read 0 restores 0x2000, which read 3 follows; read 1's 0x9999 is never followed.
+        let log = [
+            (0x1000, 0x2000),
+            (0x1008, 0x9999),
+            (0x1010, 0x5555),
+            (0x2000, 0x3000),
+            (0x2008, 0x4444),
+        ];
+        assert_eq!(frame_pointers_used(&log), 0b1);
+        assert_eq!(frame_pointers_used(&[]), 0);
+    }
+
+    #[test]
     fn addresses_that_share_a_slot_are_kept_in_different_caches() {
-        let mut m = Modules::read().expect("this process's modules");
-        let way = |m: &mut Modules, a: u64| m.way_for(a);
+        let mut m = Modules::read().expect("this process's modules").ways;
+        let way = |m: &mut Ways, a: u64| m.way_for(a);
         let colliding: Vec<u64> = (0..WAYS as u64).map(|k| 0x1000 + k * SLOTS as u64).collect();
         let ways: Vec<usize> = colliding.iter().map(|&a| way(&mut m, a)).collect();
         let mut distinct = ways.clone();
@@ -334,17 +560,7 @@ mod tests {
 
     #[inline(never)]
     fn unwound_and_traced() -> (Vec<usize>, Vec<usize>) {
-        let top = {
-            // SAFETY: as in `unwind::read_stack_top`.
-            unsafe {
-                let mut attr: libc::pthread_attr_t = std::mem::zeroed();
-                assert_eq!(libc::pthread_getattr_np(libc::pthread_self(), &mut attr), 0);
-                let (mut addr, mut size) = (std::ptr::null_mut(), 0usize);
-                assert_eq!(libc::pthread_attr_getstack(&attr, &mut addr, &mut size), 0);
-                libc::pthread_attr_destroy(&mut attr);
-                addr as usize + size
-            }
-        };
+        let top = stack_top();
         let mut frames = [0usize; 64];
         let depth = unwind(top, &mut frames).expect("an unwind to the stack's end");
         let mut traced = Vec::new();

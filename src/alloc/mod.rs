@@ -55,6 +55,8 @@ mod scheme;
 mod scope;
 #[cfg(feature = "profiling")]
 mod unwind;
+#[cfg(all(feature = "profiling", target_arch = "x86_64"))]
+mod unwind_memo;
 
 pub use allocator::TrackingAllocator;
 #[cfg(feature = "tracing")]

@@ -1,0 +1,295 @@
+//! Unwound stacks remembered by what their unwind read, so that a sample from a call path
+//! seen before costs a few dozen stack reads instead of an unwind.
+//!
+//! An unwind is a function of the registers it starts from and the stack words it reads:
+//! the rules come from the modules (fixed while the module list is), and each read's
+//! address follows from the registers and the values read before it. So an unwind that
+//! starts from the same registers, and finds the same value at every address the
+//! remembered one read, reads the same addresses in the same order and yields the same
+//! stack. The instruction pointer is always the same (inside `eh_frame::unwind`); the
+//! stack pointer is compared. The frame-pointer register is compared only when the unwind
+//! used it: in code built without frame pointers it holds whatever the code keeps there,
+//! different at every sample. So an unwind is first tried with that register set to
+//! [`NO_FRAME_POINTER`], which every rule that would use it fails on (it reads nowhere in
+//! the stack): a stack that unwinds from there does not depend on the register, and is
+//! recalled whatever it holds. Otherwise (the innermost frames keep frame pointers) the
+//! unwind is made from the register's value, and the stack recalled only for that value,
+//! the frame's own.
+//!
+//! [`ENTRIES`] stacks are kept, two per set by stack pointer, the older of the two replaced.
+
+use super::sampler::DEPTH;
+
+/// The frame-pointer register's value for an unwind whose stack may be remembered: odd,
+/// and below every stack, so a rule that uses it reads outside the stack and fails.
+pub(crate) const NO_FRAME_POINTER: u64 = 1;
+
+/// Stacks remembered (two per set).
+const ENTRIES: usize = 16;
+/// Stack reads an unwind may make and still be remembered (framehop reads at most two
+/// words per frame on x86_64: the return address and a saved frame pointer).
+const READS: usize = 2 * DEPTH;
+
+/// One remembered stack.
+struct Entry {
+    /// The stack pointer its unwind started from; 0 for none.
+    sp: u64,
+    /// The frame-pointer register its unwind started from ([`NO_FRAME_POINTER`]: any).
+    bp: u64,
+    depth: u16,
+    reads: u16,
+    /// Whether the unwind stopped at the capacity it was given rather than the stack's end.
+    cut: bool,
+    log: [(u64, u64); READS],
+    frames: [usize; DEPTH],
+}
+
+/// The remembered stacks (about 42 KiB).
+pub(crate) struct Memo {
+    entries: Vec<Entry>,
+    /// For each set, the entry replaced next.
+    older: [u8; ENTRIES / 2],
+}
+
+impl Memo {
+    pub(crate) fn new() -> Self {
+        Self {
+            entries: (0..ENTRIES)
+                .map(|_| Entry {
+                    sp: 0,
+                    bp: NO_FRAME_POINTER,
+                    depth: 0,
+                    reads: 0,
+                    cut: false,
+                    log: [(0, 0); READS],
+                    frames: [0; DEPTH],
+                })
+                .collect(),
+            older: [0; ENTRIES / 2],
+        }
+    }
+
+    /// The first entry of `sp`'s set.
+    fn set(sp: u64) -> usize {
+        let sets = (ENTRIES / 2) as u64;
+        ((sp >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % sets as usize * 2
+    }
+
+    /// Copies into `frames` the stack remembered for an unwind from `sp` and `bp` whose
+    /// every read still reads the same through `read`; how many frames, or `None`.
+    pub(crate) fn recall(
+        &mut self,
+        sp: u64,
+        bp: u64,
+        frames: &mut [usize],
+        mut read: impl FnMut(u64) -> Result<u64, ()>,
+    ) -> Option<usize> {
+        let set = Self::set(sp);
+        for i in set..set + 2 {
+            let e = &self.entries[i];
+            let depth = usize::from(e.depth);
+            let bp_matches = e.bp == NO_FRAME_POINTER || e.bp == bp;
+            if e.sp != sp || !bp_matches || depth > frames.len() || (e.cut && depth < frames.len()) {
+                continue;
+            }
+            if e.log[..usize::from(e.reads)]
+                .iter()
+                .all(|&(addr, value)| read(addr) == Ok(value))
+            {
+                frames[..depth].copy_from_slice(&e.frames[..depth]);
+                // The other one is replaced next.
+                self.older[set / 2] = (i - set) as u8 ^ 1;
+                return Some(depth);
+            }
+        }
+        None
+    }
+
+    /// Starts remembering an unwind from `sp`, in an empty entry of its set or else the
+    /// older one (forgotten until [`Recording::keep`]).
+    pub(crate) fn record(&mut self, sp: u64) -> Recording<'_> {
+        let set = Self::set(sp);
+        let way = if self.entries[set].sp == 0 {
+            0
+        } else if self.entries[set + 1].sp == 0 {
+            1
+        } else {
+            usize::from(self.older[set / 2] & 1)
+        };
+        self.older[set / 2] = (way ^ 1) as u8;
+        let i = set + way;
+        let entry = &mut self.entries[i];
+        entry.sp = 0;
+        entry.reads = 0;
+        Recording {
+            entry,
+            full: false,
+            returns: 0,
+        }
+    }
+}
+
+/// An unwind being remembered: its reads, then its stack.
+pub(crate) struct Recording<'a> {
+    entry: &'a mut Entry,
+    /// More reads than [`READS`]: not remembered.
+    full: bool,
+    /// Which reads were return addresses (bit i: read i).
+    returns: u128,
+}
+
+const _: () = assert!(READS <= u128::BITS as usize);
+
+impl Recording<'_> {
+    /// The unwind read `value` at `addr`.
+    pub(crate) fn read(&mut self, addr: u64, value: u64) {
+        let n = usize::from(self.entry.reads);
+        match self.entry.log.get_mut(n) {
+            Some(slot) => {
+                *slot = (addr, value);
+                self.entry.reads += 1;
+            }
+            None => self.full = true,
+        }
+    }
+
+    /// The last read was a frame's return address.
+    pub(crate) fn returned(&mut self) {
+        if let Some(last) = self.entry.reads.checked_sub(1) {
+            if !self.full {
+                self.returns |= 1 << last;
+            }
+        }
+    }
+
+    /// The reads so far, and which were return addresses.
+    pub(crate) fn log(&self) -> (&[(u64, u64)], u128) {
+        (&self.entry.log[..usize::from(self.entry.reads)], self.returns)
+    }
+
+    /// The unwind from `sp` and `bp` found `frames`; `cut` if it stopped at their capacity.
+    /// Only the reads in `compared` (bit i: read i) are compared on recall: the caller
+    /// showed that the others do not change the stack found.
+    pub(crate) fn keep(self, sp: u64, bp: u64, frames: &[usize], cut: bool, compared: u128) {
+        if self.full || frames.len() > DEPTH || sp == 0 {
+            return;
+        }
+        let e = self.entry;
+        let mut kept = 0;
+        for i in 0..usize::from(e.reads) {
+            if compared >> i & 1 == 1 {
+                e.log[kept] = e.log[i];
+                kept += 1;
+            }
+        }
+        e.reads = kept as u16;
+        e.frames[..frames.len()].copy_from_slice(frames);
+        e.depth = frames.len() as u16;
+        e.cut = cut;
+        e.bp = bp;
+        e.sp = sp;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stack of words at addresses 0x1000 + 8i.
+    fn reader(words: &[u64]) -> impl FnMut(u64) -> Result<u64, ()> + '_ {
+        move |addr| words.get(((addr - 0x1000) / 8) as usize).copied().ok_or(())
+    }
+
+    #[test]
+    fn a_stack_is_recalled_only_while_its_reads_read_the_same() {
+        let mut memo = Memo::new();
+        let mut words = vec![10, 20, 30, 40];
+        let mut r = memo.record(0x1000);
+        r.read(0x1008, 20);
+        r.read(0x1018, 40);
+        r.keep(0x1000, NO_FRAME_POINTER, &[7, 8, 9], false, u128::MAX);
+        let mut frames = [0usize; DEPTH];
+        assert_eq!(memo.recall(0x1000, 0x77, &mut frames, reader(&words)), Some(3));
+        assert_eq!(frames[..3], [7, 8, 9]);
+        // Another stack pointer, or a word it read changed: not recalled.
+        assert_eq!(memo.recall(0x1010, 0x77, &mut frames, reader(&words)), None);
+        words[3] = 41;
+        assert_eq!(memo.recall(0x1000, 0x77, &mut frames, reader(&words)), None);
+        // Any frame-pointer register, as the unwind did not use it; a word it did not
+        // read may change.
+        words[3] = 40;
+        words[0] = 11;
+        assert_eq!(memo.recall(0x1000, 0x77, &mut frames, reader(&words)), Some(3));
+    }
+
+    #[test]
+    fn a_stack_kept_by_some_reads_ignores_the_others() {
+        let mut memo = Memo::new();
+        let mut words = vec![10, 20, 30, 40];
+        let mut r = memo.record(0x1000);
+        // A saved register, then the return address; then a return address alone.
+        r.read(0x1000, 10);
+        r.read(0x1008, 20);
+        r.returned();
+        r.read(0x1018, 40);
+        r.returned();
+        assert_eq!(r.log(), (&[(0x1000, 10), (0x1008, 20), (0x1018, 40)][..], 0b110));
+        r.keep(0x1000, NO_FRAME_POINTER, &[7, 20, 40], false, 0b110);
+        let mut frames = [0usize; DEPTH];
+        words[0] = 99;
+        assert_eq!(memo.recall(0x1000, 0, &mut frames, reader(&words)), Some(3));
+        words[1] = 21;
+        assert_eq!(memo.recall(0x1000, 0, &mut frames, reader(&words)), None);
+    }
+
+    #[test]
+    fn a_stack_that_used_the_frame_pointer_is_recalled_only_for_its_value() {
+        let mut memo = Memo::new();
+        let words = [0u64; 1];
+        memo.record(0x1000).keep(0x1000, 0x1040, &[5], false, u128::MAX);
+        assert_eq!(memo.recall(0x1000, 0x1048, &mut [0; 8], reader(&words)), None);
+        assert_eq!(memo.recall(0x1000, 0x1040, &mut [0; 8], reader(&words)), Some(1));
+    }
+
+    #[test]
+    fn a_cut_stack_is_not_recalled_for_more_room_and_a_long_read_log_is_not_kept() {
+        let mut memo = Memo::new();
+        let words = [1u64; 4];
+        memo.record(0x1000)
+            .keep(0x1000, NO_FRAME_POINTER, &[1, 2], true, u128::MAX);
+        assert_eq!(memo.recall(0x1000, 0, &mut [0; 2], reader(&words)), Some(2));
+        assert_eq!(memo.recall(0x1000, 0, &mut [0; 8], reader(&words)), None);
+        let mut r = memo.record(0x2000);
+        for i in 0..=READS as u64 {
+            r.read(0x1000, i);
+        }
+        r.keep(0x2000, NO_FRAME_POINTER, &[1], false, u128::MAX);
+        assert_eq!(memo.recall(0x2000, 0, &mut [0; 8], reader(&words)), None);
+    }
+
+    #[test]
+    fn two_stacks_share_a_set_and_a_third_replaces_the_older() {
+        let mut memo = Memo::new();
+        let words = [0u64; 1];
+        // Stack pointers in the same set.
+        let set = Memo::set(0x1000);
+        let same: Vec<u64> = (1..4096u64)
+            .map(|k| 0x1000 + k * 16)
+            .filter(|&sp| Memo::set(sp) == set)
+            .take(2)
+            .collect();
+        let (a, b, c) = (0x1000, same[0], same[1]);
+        memo.record(a).keep(a, NO_FRAME_POINTER, &[1], false, u128::MAX);
+        memo.record(b).keep(b, NO_FRAME_POINTER, &[2], false, u128::MAX);
+        let mut frames = [0usize; DEPTH];
+        assert_eq!(memo.recall(a, 0, &mut frames, reader(&words)), Some(1));
+        assert_eq!(memo.recall(b, 0, &mut frames, reader(&words)), Some(1));
+        assert_eq!(frames[0], 2);
+        // `a` was recalled before `b`: `c` replaces `a`.
+        memo.record(c).keep(c, NO_FRAME_POINTER, &[3], false, u128::MAX);
+        assert_eq!(memo.recall(a, 0, &mut frames, reader(&words)), None);
+        assert_eq!(memo.recall(b, 0, &mut frames, reader(&words)), Some(1));
+        assert_eq!(memo.recall(c, 0, &mut frames, reader(&words)), Some(1));
+        assert_eq!(frames[0], 3);
+    }
+}
