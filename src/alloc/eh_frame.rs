@@ -348,8 +348,8 @@ unsafe extern "C" fn each_module(info: *mut libc::dl_phdr_info, size: usize, dat
     // SAFETY: `data` is the `Found` passed to `dl_iterate_phdr`; `info` is valid for the
     // call, and its fields up to `size` are filled in.
     let (found, info) = unsafe { (&mut *data.cast::<Found>(), &*info) };
-    if size >= std::mem::offset_of!(libc::dl_phdr_info, dlpi_subs) + 8 {
-        found.generation = info.dlpi_adds.wrapping_add(info.dlpi_subs);
+    if let Some(generation) = generation(info, size) {
+        found.generation = generation;
     }
     if info.dlpi_phdr.is_null() {
         return 0;
@@ -428,16 +428,17 @@ fn eh_frame_address(hdr: &[u8], hdr_address: u64) -> Option<u64> {
     }
 }
 
+/// The loader's loads + unloads from a `dl_phdr_info` of `size` bytes, if it has them.
+fn generation(info: &libc::dl_phdr_info, size: usize) -> Option<u64> {
+    (size >= std::mem::offset_of!(libc::dl_phdr_info, dlpi_subs) + 8)
+        .then(|| info.dlpi_adds.wrapping_add(info.dlpi_subs))
+}
+
 /// The loader's count of loads and unloads, read from `dl_iterate_phdr`'s first module.
 fn loader_generation() -> Option<u64> {
     unsafe extern "C" fn first(info: *mut libc::dl_phdr_info, size: usize, data: *mut libc::c_void) -> libc::c_int {
-        if size >= std::mem::offset_of!(libc::dl_phdr_info, dlpi_subs) + 8 {
-            // SAFETY: as in `each_module`.
-            unsafe {
-                let info = &*info;
-                *data.cast::<Option<u64>>() = Some(info.dlpi_adds.wrapping_add(info.dlpi_subs));
-            }
-        }
+        // SAFETY: as in `each_module`; `data` is the `Option<u64>` below.
+        unsafe { *data.cast::<Option<u64>>() = generation(&*info, size) };
         1
     }
     let mut generation: Option<u64> = None;
@@ -455,15 +456,7 @@ mod tests {
     pub(super) static RECALLS: AtomicU64 = AtomicU64::new(0);
 
     fn stack_top() -> usize {
-        // SAFETY: as in `unwind::read_stack_top`.
-        unsafe {
-            let mut attr: libc::pthread_attr_t = std::mem::zeroed();
-            assert_eq!(libc::pthread_getattr_np(libc::pthread_self(), &mut attr), 0);
-            let (mut addr, mut size) = (std::ptr::null_mut(), 0usize);
-            assert_eq!(libc::pthread_attr_getstack(&attr, &mut addr, &mut size), 0);
-            libc::pthread_attr_destroy(&mut attr);
-            addr as usize + size
-        }
+        super::super::unwind::read_stack_top().expect("this thread's stack")
     }
 
     #[inline(never)]

@@ -135,7 +135,7 @@ fn thread_stack_top(cached: &Cell<usize>) -> usize {
 
 /// The highest address of this thread's stack, from `pthread_getattr_np`. (For the main
 /// thread glibc reads `/proc/self/maps` with its own `malloc`, never the Rust allocator.)
-fn read_stack_top() -> Option<usize> {
+pub(super) fn read_stack_top() -> Option<usize> {
     // SAFETY: `attr` is initialized by `pthread_getattr_np` before it is read, and
     // destroyed once; the out-pointers are valid locals.
     unsafe {
