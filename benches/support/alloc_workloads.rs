@@ -425,8 +425,18 @@ pub fn criterion_dir() -> PathBuf {
     target.join("criterion")
 }
 
-pub fn criterion() -> Criterion {
+#[path = "bench_clock.rs"]
+mod bench_clock;
+pub use bench_clock::BenchClock;
+
+/// Criterion as the allocator benches use it, measuring with [`BenchClock::from_env`].
+pub type Bench = Criterion<BenchClock>;
+
+pub fn criterion() -> Bench {
+    let clock = BenchClock::from_env();
+    eprintln!("measuring {} time (ALLOC_BENCH_CLOCK=cpu|wall)", clock.name());
     Criterion::default()
+        .with_measurement(clock)
         .output_directory(&criterion_dir())
         .without_plots()
         .configure_from_args()
@@ -438,7 +448,7 @@ pub fn short<M: criterion::measurement::Measurement>(group: &mut BenchmarkGroup<
 }
 
 /// `alloc/churn/<name>`: the workload inside `scope`, entered once per iteration.
-pub fn bench_churn<S: Scope>(c: &mut Criterion, name: &str, scope: &S) {
+pub fn bench_churn<S: Scope>(c: &mut Bench, name: &str, scope: &S) {
     let mut group = c.benchmark_group("alloc/churn");
     short(&mut group);
     let mut churn = Churn::new();
@@ -447,7 +457,7 @@ pub fn bench_churn<S: Scope>(c: &mut Criterion, name: &str, scope: &S) {
 }
 
 /// `alloc/realistic/<name>`: each worker thread enters `scope` itself.
-pub fn bench_realistic<S: Scope>(c: &mut Criterion, name: &str, scope: &S) {
+pub fn bench_realistic<S: Scope>(c: &mut Bench, name: &str, scope: &S) {
     let mut group = c.benchmark_group("alloc/realistic");
     short(&mut group);
     // An iteration takes milliseconds: few, equal samples fit the 3 s.
@@ -458,7 +468,7 @@ pub fn bench_realistic<S: Scope>(c: &mut Criterion, name: &str, scope: &S) {
 
 /// `alloc/dom/<name>`: one iteration is one pass over the whole corpus, half on each of
 /// two kept worker threads, each entering `scope` for its batch.
-pub fn bench_dom<S: Scope>(c: &mut Criterion, name: &str, scope: &S, corpus: &DomCorpus) {
+pub fn bench_dom<S: Scope>(c: &mut Bench, name: &str, scope: &S, corpus: &DomCorpus) {
     let mut group = c.benchmark_group("alloc/dom");
     short(&mut group);
     // An iteration takes milliseconds, as in `alloc/realistic`.

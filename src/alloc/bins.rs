@@ -456,7 +456,8 @@ pub(crate) unsafe fn give(state: &ThreadState, slot: u8, class: usize, region: *
 
 /// The thread's lists for `slot`, made on first use (with the slot's arena); `None`
 /// if the arena is unavailable or the thread is exiting (nothing would return them).
-fn bins_or_make(t: &ThreadBins, slot: u8) -> Option<&Bins> {
+fn bins_or_make(state: &ThreadState, slot: u8) -> Option<&Bins> {
+    let t = &state.placement;
     let cell = &t.lists[usize::from(slot)];
     if !std::ptr::eq(cell.get(), &NONE.0) {
         return Some(bins(t, slot));
@@ -465,7 +466,7 @@ fn bins_or_make(t: &ThreadBins, slot: u8) -> Option<&Bins> {
     if !counters::thread_teardown_registered() || !arenas::jemalloc_serves_thread() {
         return None;
     }
-    let arena = arenas::flag(slot)?;
+    let arena = arenas::flag(slot, counters::arena_shard(state))?;
     // SAFETY: a plain allocation from jemalloc's default arena, outside the Rust heap.
     let made = unsafe { sys::mallocx(std::mem::size_of::<Bins>(), sys::MALLOCX_TCACHE_NONE) }.cast::<Bins>();
     if made.is_null() {
@@ -558,7 +559,7 @@ unsafe fn refill(state: &ThreadState, slot: u8, class: usize) -> *mut u8 {
     let size = class_size(class);
     // Without lists (an exiting thread) the allocation takes a tag: jemalloc may have
     // cleaned the thread up, and then an arena must not be named.
-    let Some(bins) = bins_or_make(t, slot) else {
+    let Some(bins) = bins_or_make(state, slot) else {
         return std::ptr::null_mut();
     };
     touch(t, bins);
@@ -717,7 +718,7 @@ unsafe fn drop_bins(t: &ThreadBins, slot: usize) {
 #[inline(never)]
 unsafe fn overflow(state: &ThreadState, slot: u8, class: usize, region: *mut u8) {
     let t = &state.placement;
-    let Some(bins) = bins_or_make(t, slot) else {
+    let Some(bins) = bins_or_make(state, slot) else {
         return release(region, class);
     };
     touch(t, bins);

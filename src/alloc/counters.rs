@@ -157,6 +157,18 @@ fn claim(state: &ThreadState) {
 }
 
 #[cfg(feature = "jemalloc")]
+/// Which of a component's arenas this thread allocates from (see `arenas::shard_of`): by
+/// the index of the counter shard it owns, so threads alive at once spread over them.
+/// A thread that has not claimed its counter shard yet (its first allocation) claims it
+/// here, so its first component's arena is chosen by its index too.
+pub(crate) fn arena_shard(state: &ThreadState) -> usize {
+    if !state.tried.get() {
+        claim(state);
+    }
+    super::arenas::shard_of(state.index.get())
+}
+
+#[cfg(feature = "jemalloc")]
 /// The shard this thread owns, if it owns one (its counts then take plain stores).
 #[inline(always)]
 pub(crate) fn owned_shard(state: &ThreadState) -> Option<&'static Shard> {

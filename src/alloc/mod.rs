@@ -90,11 +90,11 @@ pub fn component_arenas() -> usize {
     0
 }
 
-/// The jemalloc arena of each component that has one, by arena index.
+/// The jemalloc arenas of each component that has them (one per shard), by arena index.
 #[cfg(feature = "jemalloc")]
 pub(crate) fn component_arena_names() -> Vec<(u32, &'static str)> {
     (0..counters::SLOTS)
-        .filter_map(|slot| Some((arenas::arena_index(slot)?, registry::name(slot as u8))))
+        .flat_map(|slot| arenas::arena_indices(slot).map(move |index| (index, registry::name(slot as u8))))
         .collect()
 }
 
