@@ -11,6 +11,10 @@
 # runs once, after them. Then it prints the memory figures each allocator bench wrote
 # (target/criterion/alloc-memory/*.json).
 #
+# The benches measure the process's CPU time, all threads (benches/support/bench_clock.rs):
+# on a shared machine it spreads far less than elapsed time. ALLOC_BENCH_CLOCK=wall
+# measures elapsed time instead.
+#
 # Workloads (criterion groups): alloc/churn, alloc/realistic, alloc/dom (API-like JSON
 # documents parsed into serde_json::Value and serialized back on 2 threads).
 #

@@ -89,15 +89,6 @@ thread_local! {
     static RELEASE: Release = const { Release };
 }
 
-/// This thread's state, for a hot path that LLVM would otherwise not inline: `STATE.with`
-/// with a large closure stays a call. The pointer is valid until the thread exits (the
-/// state has no destructor) and must not leave the thread.
-#[cfg(all(feature = "jemalloc", feature = "profiling"))]
-#[inline(always)]
-pub(crate) fn state_ptr() -> *const ThreadState {
-    STATE.with(std::ptr::from_ref)
-}
-
 // `STATE.with` never fails only while `ThreadState` has nothing to drop.
 const _: () = assert!(!std::mem::needs_drop::<ThreadState>());
 

@@ -291,7 +291,7 @@ impl Modules {
         let regs = UnwindRegsX86_64::new(pc, sp, bp);
         let mut logged = Logged {
             read_stack,
-            recording: self.memo.record(sp),
+            recording: self.memo.record(),
         };
         let (depth, cut) = frames_from(&self.unwinder, &mut self.ways, pc, regs, frames, &mut logged)?;
         let recording = logged.recording;

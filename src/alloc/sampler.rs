@@ -17,8 +17,8 @@
 //! behind a spin lock; a `fork` child takes the lock over and stops sampling, and frees
 //! in the child leave the inherited table alone.
 
+use rustc_hash::FxHashMap;
 use std::cell::{Cell, UnsafeCell};
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
 
 use super::counters::ThreadState;
@@ -242,9 +242,9 @@ fn stack_hash(frames: &[usize], slot: u8) -> u64 {
 
 #[derive(Default)]
 pub(crate) struct Table {
-    live: HashMap<usize, Live>,
+    live: FxHashMap<usize, Live>,
     /// The first stack of each [`stack_hash`]; the others follow its `next`.
-    index: HashMap<u64, u32>,
+    index: FxHashMap<u64, u32>,
     stacks: Vec<Stack>,
 }
 

@@ -16,7 +16,11 @@
 //! unwind is made from the register's value, and the stack recalled only for that value,
 //! the frame's own.
 //!
-//! [`ENTRIES`] stacks are kept, two per set by stack pointer, the older of the two replaced.
+//! [`ENTRIES`] stacks are kept, any number of them for one stack pointer (call paths of
+//! the same depth share it), the one recalled least recently replaced. They were kept two
+//! per set by stack pointer before: which call paths shared a set then depended on where the
+//! process's stack lay, and a loop allocating from a few paths cost 1.01–1.10× in different
+//! processes, as paths in one set replaced each other at every sample.
 
 use super::sampler::DEPTH;
 
@@ -24,7 +28,7 @@ use super::sampler::DEPTH;
 /// and below every stack, so a rule that uses it reads outside the stack and fails.
 pub(crate) const NO_FRAME_POINTER: u64 = 1;
 
-/// Stacks remembered (two per set).
+/// Stacks remembered.
 const ENTRIES: usize = 16;
 /// Stack reads an unwind may make and still be remembered (framehop reads at most two
 /// words per frame on x86_64: the return address and a saved frame pointer).
@@ -47,8 +51,12 @@ struct Entry {
 /// The remembered stacks (about 42 KiB).
 pub(crate) struct Memo {
     entries: Vec<Entry>,
-    /// For each set, the entry replaced next.
-    older: [u8; ENTRIES / 2],
+    /// Each entry's stack pointer (0: none), side by side so that a recall finds the
+    /// candidates in two cache lines.
+    sps: [u64; ENTRIES],
+    /// When each entry was last recalled or recorded, by `clock`.
+    used: [u32; ENTRIES],
+    clock: u32,
 }
 
 impl Memo {
@@ -65,14 +73,16 @@ impl Memo {
                     frames: [0; DEPTH],
                 })
                 .collect(),
-            older: [0; ENTRIES / 2],
+            sps: [0; ENTRIES],
+            used: [0; ENTRIES],
+            clock: 0,
         }
     }
 
-    /// The first entry of `sp`'s set.
-    fn set(sp: u64) -> usize {
-        let sets = (ENTRIES / 2) as u64;
-        ((sp >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % sets as usize * 2
+    /// Marks entry `i` as just used.
+    fn touch(&mut self, i: usize) {
+        self.clock = self.clock.wrapping_add(1);
+        self.used[i] = self.clock;
     }
 
     /// Copies into `frames` the stack remembered for an unwind from `sp` and `bp` whose
@@ -84,12 +94,14 @@ impl Memo {
         frames: &mut [usize],
         mut read: impl FnMut(u64) -> Result<u64, ()>,
     ) -> Option<usize> {
-        let set = Self::set(sp);
-        for i in set..set + 2 {
+        for i in 0..ENTRIES {
+            if self.sps[i] != sp {
+                continue;
+            }
             let e = &self.entries[i];
             let depth = usize::from(e.depth);
             let bp_matches = e.bp == NO_FRAME_POINTER || e.bp == bp;
-            if e.sp != sp || !bp_matches || depth > frames.len() || (e.cut && depth < frames.len()) {
+            if !bp_matches || depth > frames.len() || (e.cut && depth < frames.len()) {
                 continue;
             }
             if e.log[..usize::from(e.reads)]
@@ -97,32 +109,30 @@ impl Memo {
                 .all(|&(addr, value)| read(addr) == Ok(value))
             {
                 frames[..depth].copy_from_slice(&e.frames[..depth]);
-                // The other one is replaced next.
-                self.older[set / 2] = (i - set) as u8 ^ 1;
+                self.touch(i);
                 return Some(depth);
             }
         }
         None
     }
 
-    /// Starts remembering an unwind from `sp`, in an empty entry of its set or else the
-    /// older one (forgotten until [`Recording::keep`]).
-    pub(crate) fn record(&mut self, sp: u64) -> Recording<'_> {
-        let set = Self::set(sp);
-        let way = if self.entries[set].sp == 0 {
-            0
-        } else if self.entries[set + 1].sp == 0 {
-            1
-        } else {
-            usize::from(self.older[set / 2] & 1)
-        };
-        self.older[set / 2] = (way ^ 1) as u8;
-        let i = set + way;
+    /// Starts remembering an unwind, in an empty entry or else the one used least
+    /// recently (forgotten until [`Recording::keep`]).
+    pub(crate) fn record(&mut self) -> Recording<'_> {
+        let clock = self.clock;
+        let i = (0..ENTRIES).find(|&i| self.sps[i] == 0).unwrap_or_else(|| {
+            (0..ENTRIES)
+                .max_by_key(|&i| clock.wrapping_sub(self.used[i]))
+                .unwrap_or(0)
+        });
+        self.touch(i);
+        self.sps[i] = 0;
         let entry = &mut self.entries[i];
         entry.sp = 0;
         entry.reads = 0;
         Recording {
             entry,
+            sp: &mut self.sps[i],
             full: false,
             returns: 0,
         }
@@ -132,6 +142,8 @@ impl Memo {
 /// An unwind being remembered: its reads, then its stack.
 pub(crate) struct Recording<'a> {
     entry: &'a mut Entry,
+    /// The entry's place in [`Memo::sps`].
+    sp: &'a mut u64,
     /// More reads than [`READS`]: not remembered.
     full: bool,
     /// Which reads were return addresses (bit i: read i).
@@ -188,6 +200,7 @@ impl Recording<'_> {
         e.cut = cut;
         e.bp = bp;
         e.sp = sp;
+        *self.sp = sp;
     }
 }
 
@@ -204,7 +217,7 @@ mod tests {
     fn a_stack_is_recalled_only_while_its_reads_read_the_same() {
         let mut memo = Memo::new();
         let mut words = vec![10, 20, 30, 40];
-        let mut r = memo.record(0x1000);
+        let mut r = memo.record();
         r.read(0x1008, 20);
         r.read(0x1018, 40);
         r.keep(0x1000, NO_FRAME_POINTER, &[7, 8, 9], false, u128::MAX);
@@ -226,7 +239,7 @@ mod tests {
     fn a_stack_kept_by_some_reads_ignores_the_others() {
         let mut memo = Memo::new();
         let mut words = vec![10, 20, 30, 40];
-        let mut r = memo.record(0x1000);
+        let mut r = memo.record();
         // A saved register, then the return address; then a return address alone.
         r.read(0x1000, 10);
         r.read(0x1008, 20);
@@ -246,7 +259,7 @@ mod tests {
     fn a_stack_that_used_the_frame_pointer_is_recalled_only_for_its_value() {
         let mut memo = Memo::new();
         let words = [0u64; 1];
-        memo.record(0x1000).keep(0x1000, 0x1040, &[5], false, u128::MAX);
+        memo.record().keep(0x1000, 0x1040, &[5], false, u128::MAX);
         assert_eq!(memo.recall(0x1000, 0x1048, &mut [0; 8], reader(&words)), None);
         assert_eq!(memo.recall(0x1000, 0x1040, &mut [0; 8], reader(&words)), Some(1));
     }
@@ -255,11 +268,10 @@ mod tests {
     fn a_cut_stack_is_not_recalled_for_more_room_and_a_long_read_log_is_not_kept() {
         let mut memo = Memo::new();
         let words = [1u64; 4];
-        memo.record(0x1000)
-            .keep(0x1000, NO_FRAME_POINTER, &[1, 2], true, u128::MAX);
+        memo.record().keep(0x1000, NO_FRAME_POINTER, &[1, 2], true, u128::MAX);
         assert_eq!(memo.recall(0x1000, 0, &mut [0; 2], reader(&words)), Some(2));
         assert_eq!(memo.recall(0x1000, 0, &mut [0; 8], reader(&words)), None);
-        let mut r = memo.record(0x2000);
+        let mut r = memo.record();
         for i in 0..=READS as u64 {
             r.read(0x1000, i);
         }
@@ -268,28 +280,36 @@ mod tests {
     }
 
     #[test]
-    fn two_stacks_share_a_set_and_a_third_replaces_the_older() {
+    fn stacks_of_one_stack_pointer_are_told_apart_and_the_least_recently_used_is_replaced() {
         let mut memo = Memo::new();
-        let words = [0u64; 1];
-        // Stack pointers in the same set.
-        let set = Memo::set(0x1000);
-        let same: Vec<u64> = (1..4096u64)
-            .map(|k| 0x1000 + k * 16)
-            .filter(|&sp| Memo::set(sp) == set)
-            .take(2)
-            .collect();
-        let (a, b, c) = (0x1000, same[0], same[1]);
-        memo.record(a).keep(a, NO_FRAME_POINTER, &[1], false, u128::MAX);
-        memo.record(b).keep(b, NO_FRAME_POINTER, &[2], false, u128::MAX);
+        // Call paths of one depth: the same stack pointer, different return addresses.
+        let mut words = vec![0u64; 1];
+        let sp = 0x1000;
+        for path in 0..ENTRIES as u64 {
+            let mut r = memo.record();
+            r.read(0x1000, 100 + path);
+            r.keep(sp, NO_FRAME_POINTER, &[path as usize], false, u128::MAX);
+        }
         let mut frames = [0usize; DEPTH];
-        assert_eq!(memo.recall(a, 0, &mut frames, reader(&words)), Some(1));
-        assert_eq!(memo.recall(b, 0, &mut frames, reader(&words)), Some(1));
-        assert_eq!(frames[0], 2);
-        // `a` was recalled before `b`: `c` replaces `a`.
-        memo.record(c).keep(c, NO_FRAME_POINTER, &[3], false, u128::MAX);
-        assert_eq!(memo.recall(a, 0, &mut frames, reader(&words)), None);
-        assert_eq!(memo.recall(b, 0, &mut frames, reader(&words)), Some(1));
-        assert_eq!(memo.recall(c, 0, &mut frames, reader(&words)), Some(1));
-        assert_eq!(frames[0], 3);
+        for path in 0..ENTRIES as u64 {
+            words[0] = 100 + path;
+            assert_eq!(memo.recall(sp, 0, &mut frames, reader(&words)), Some(1), "path {path}");
+            assert_eq!(frames[0], path as usize);
+        }
+        // Path 0 was recalled longest ago: a new path replaces it and only it.
+        let mut r = memo.record();
+        r.read(0x1000, 999);
+        r.keep(sp, NO_FRAME_POINTER, &[999], false, u128::MAX);
+        words[0] = 100;
+        assert_eq!(memo.recall(sp, 0, &mut frames, reader(&words)), None);
+        for path in 1..ENTRIES as u64 {
+            words[0] = 100 + path;
+            assert_eq!(memo.recall(sp, 0, &mut frames, reader(&words)), Some(1), "path {path}");
+        }
+        words[0] = 999;
+        assert_eq!(memo.recall(sp, 0, &mut frames, reader(&words)), Some(1));
+        assert_eq!(frames[0], 999);
+        // A stack pointer never seen: nothing.
+        assert_eq!(memo.recall(0x2000, 0, &mut frames, reader(&words)), None);
     }
 }
