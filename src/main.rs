@@ -119,10 +119,10 @@ fn main() -> ExitCode {
         );
     }
     // The page's HTML holds no figures: open, like /healthz; it reads the data routes.
-    let app = axum::Router::new()
+    let open = axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .merge(memtel::page::page_router())
-        .merge(data);
+        .merge(memtel::page::page_router());
+    let app = limits::apply_open(open).merge(data);
     let served = runtime.block_on(async {
         // The peer address keys the per-client rate limit.
         axum::serve(

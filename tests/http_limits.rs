@@ -110,5 +110,14 @@ fn stuck_and_slow_clients_do_not_starve_the_others() {
         "{}",
         response.status()
     );
+    // On every route, the open ones included.
+    for path in ["/healthz", "/memory", "/api/v1/memory/profile", "/metrics"] {
+        let response = client
+            .get(format!("http://{addr}{path}"))
+            .body(vec![b'x'; 4096])
+            .send()
+            .expect("get with a body");
+        assert_eq!(response.status(), 413, "GET {path} with a body");
+    }
     proc.terminate();
 }

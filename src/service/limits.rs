@@ -42,6 +42,17 @@ pub(crate) fn apply(cheap: Router, expensive: Router, rate: u64) -> Router {
         .layer(body_refused)
 }
 
+/// `/healthz` and the page's HTML shell: the same timeout as the snapshot routes and no
+/// request bodies, but neither the rate limit nor the concurrency limit, so that a health
+/// check still answers while clients saturate the data routes.
+pub(crate) fn apply_open(open: Router) -> Router {
+    open.layer(tower_http::timeout::TimeoutLayer::with_status_code(
+        StatusCode::REQUEST_TIMEOUT,
+        CHEAP_TIMEOUT,
+    ))
+    .layer(tower_http::limit::RequestBodyLimitLayer::new(0))
+}
+
 type Governor = GovernorLayer<
     tower_governor::key_extractor::PeerIpKeyExtractor,
     governor::middleware::NoOpMiddleware<governor::clock::QuantaInstant>,
