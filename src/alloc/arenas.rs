@@ -57,8 +57,8 @@ pub(crate) const MAX_SHARDS: usize = 4;
 /// bin locks, and one slab's neighbouring regions would go to different threads, whose
 /// writes to them then move the cache lines between cores: two threads parsing JSON
 /// documents in one component took 1.17–1.20× bare jemalloc's CPU time, against
-/// 0.95–1.01× with a component each. A thread uses the shard of its counter index
-/// ([`shard_of`]), so the threads alive at once spread over the shards.
+/// 0.95–1.01× with a component each. Each thread is bound to the shard the fewest live
+/// threads use ([`bind_thread`]), so the threads alive at once spread over the shards.
 ///
 /// Each arena costs memory of its own: jemalloc's metadata for it (120–250 KiB resident)
 /// and its partly used slabs. So the extra shards are few for the whole process, whatever
@@ -79,10 +79,27 @@ fn take_extra() -> bool {
         .is_ok()
 }
 
-/// The shard a thread with counter index `index` allocates from (see [`SHARDS`]).
-#[inline]
-pub(crate) fn shard_of(index: usize) -> usize {
-    index % SHARDS.load(Relaxed) as usize
+/// How many live threads allocate from each shard (see [`bind_thread`]).
+static THREADS_ON: [AtomicU32; MAX_SHARDS] = [const { AtomicU32::new(0) }; MAX_SHARDS];
+
+/// The shard a thread allocates from in every component, chosen when it first needs one:
+/// the one fewest live threads use, as jemalloc binds a thread to its least used arena.
+/// (By the thread's counter index instead, two threads started while others were still
+/// exiting could share a shard with the other idle: a DOM-heavy benchmark's second pair of
+/// workers took 1.17× bare jemalloc's CPU time in 4 of 5 rounds.) Give it back with
+/// [`unbind_thread`] when the thread exits.
+pub(crate) fn bind_thread() -> u8 {
+    let shards = (SHARDS.load(Relaxed) as usize).clamp(1, MAX_SHARDS);
+    let shard = (0..shards).min_by_key(|&i| THREADS_ON[i].load(Relaxed)).unwrap_or(0);
+    THREADS_ON[shard].fetch_add(1, Relaxed);
+    shard as u8
+}
+
+/// A thread bound to `shard` exits.
+pub(crate) fn unbind_thread(shard: u8) {
+    if let Some(count) = THREADS_ON.get(usize::from(shard)) {
+        let _ = count.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
+    }
 }
 
 /// The CPUs this process may run on (its affinity mask), clamped to `1..=MAX_SHARDS`.

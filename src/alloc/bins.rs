@@ -466,13 +466,7 @@ fn bins_or_make(state: &ThreadState, slot: u8) -> Option<&Bins> {
     if !counters::thread_teardown_registered() || !arenas::jemalloc_serves_thread() {
         return None;
     }
-    // Claiming the thread's counter shard registers its exit destructor, which may allocate
-    // (on some platforms through this allocator): that allocation may have made the lists.
-    let shard = counters::arena_shard(state);
-    if !std::ptr::eq(cell.get(), &NONE.0) {
-        return Some(bins(t, slot));
-    }
-    let arena = arenas::flag(slot, shard)?;
+    let arena = arenas::flag(slot, counters::arena_shard(state))?;
     // SAFETY: a plain allocation from jemalloc's default arena, outside the Rust heap.
     let made = unsafe { sys::mallocx(std::mem::size_of::<Bins>(), sys::MALLOCX_TCACHE_NONE) }.cast::<Bins>();
     if made.is_null() {

@@ -54,6 +54,10 @@ pub(crate) struct ThreadState {
     tried: Cell<bool>,
     /// The owned shard's index, to release it at exit.
     index: Cell<usize>,
+    /// The shard of every component's arenas this thread allocates from
+    /// (`arenas::bind_thread`); [`UNBOUND`] until its first placed allocation.
+    #[cfg(feature = "jemalloc")]
+    arena_shard: Cell<u8>,
     /// This thread's cumulative totals, for span accounting.
     pub(crate) alloc_bytes: Cell<u64>,
     pub(crate) free_bytes: Cell<u64>,
@@ -76,6 +80,8 @@ thread_local! {
             shard: Cell::new(std::ptr::null()),
             tried: Cell::new(false),
             index: Cell::new(usize::MAX),
+            #[cfg(feature = "jemalloc")]
+            arena_shard: Cell::new(UNBOUND),
             alloc_bytes: Cell::new(0),
             free_bytes: Cell::new(0),
             alloc_count: Cell::new(0),
@@ -100,6 +106,13 @@ impl Drop for Release {
             // Its lists first: they go back to jemalloc while the thread still owns its shard.
             #[cfg(feature = "jemalloc")]
             super::bins::release_thread(&s.placement);
+            #[cfg(feature = "jemalloc")]
+            {
+                let shard = s.arena_shard.replace(UNBOUND);
+                if shard != UNBOUND {
+                    super::arenas::unbind_thread(shard);
+                }
+            }
             // Later allocations of this exiting thread go to the shared shard.
             s.shard.set(std::ptr::null());
             s.tried.set(true);
@@ -148,15 +161,19 @@ fn claim(state: &ThreadState) {
 }
 
 #[cfg(feature = "jemalloc")]
-/// Which of a component's arenas this thread allocates from (see `arenas::shard_of`): by
-/// the index of the counter shard it owns, so threads alive at once spread over them.
-/// A thread that has not claimed its counter shard yet (its first allocation) claims it
-/// here, so its first component's arena is chosen by its index too.
+/// No arena shard chosen yet.
+const UNBOUND: u8 = u8::MAX;
+
+#[cfg(feature = "jemalloc")]
+/// Which of a component's arenas this thread allocates from: the shard it was bound to at
+/// its first placed allocation (`arenas::bind_thread`), the same for every component.
 pub(crate) fn arena_shard(state: &ThreadState) -> usize {
-    if !state.tried.get() {
-        claim(state);
+    let mut shard = state.arena_shard.get();
+    if shard == UNBOUND {
+        shard = super::arenas::bind_thread();
+        state.arena_shard.set(shard);
     }
-    super::arenas::shard_of(state.index.get())
+    usize::from(shard)
 }
 
 #[cfg(feature = "jemalloc")]
