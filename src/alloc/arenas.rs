@@ -45,7 +45,7 @@ static ARENAS: [[AtomicU32; MAX_SHARDS]; SLOTS] = [const { [const { AtomicU32::n
 const BUSY: u32 = u32::MAX;
 const FAILED: u32 = u32::MAX - 1;
 
-/// At most this many arenas per component ([`shards`]).
+/// At most this many arenas per component ([`SHARDS`]).
 pub(crate) const MAX_SHARDS: usize = 4;
 
 /// How many arenas each component has: one per CPU the process may run on, at most
