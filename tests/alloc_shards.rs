@@ -48,8 +48,9 @@ fn hold_from_threads(component: &memtel::Component, threads: usize) -> Vec<Vec<S
             .map(|t| {
                 let all_started = all_started.clone();
                 scope.spawn(move || {
-                    // Every thread has claimed its counters before any allocates here, so
-                    // they hold distinct indices, one per shard.
+                    // Every thread is bound to its shard (at its first placed allocation)
+                    // before any allocates here, all alive at once: they spread over the
+                    // shards, the least used first.
                     let _ = std::hint::black_box(vec![0u8; 1]);
                     all_started.wait();
                     component.in_scope(|| (0..4_000).map(|i| format!("thread {t} string {i:>6}")).collect())

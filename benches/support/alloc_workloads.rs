@@ -427,7 +427,7 @@ pub fn criterion_dir() -> PathBuf {
 
 #[path = "bench_clock.rs"]
 mod bench_clock;
-pub use bench_clock::BenchClock;
+use bench_clock::BenchClock;
 
 /// Criterion as the allocator benches use it, measuring with [`BenchClock::from_env`].
 pub type Bench = Criterion<BenchClock>;

@@ -46,7 +46,7 @@ const BUSY: u32 = u32::MAX;
 const FAILED: u32 = u32::MAX - 1;
 
 /// At most this many arenas per component ([`SHARDS`]).
-pub(crate) const MAX_SHARDS: usize = 4;
+const MAX_SHARDS: usize = 4;
 
 /// How many arenas each component has: one per CPU the process may run on, at most
 /// [`MAX_SHARDS`] (set when the reservation is made).
@@ -69,7 +69,7 @@ static SHARDS: AtomicU32 = AtomicU32::new(1);
 
 /// How many arenas beyond each component's first may be made (see [`SHARDS`]): at most
 /// about 4 MiB of jemalloc metadata.
-pub(crate) const EXTRA_ARENAS: u32 = 16;
+const EXTRA_ARENAS: u32 = 16;
 static EXTRA_LEFT: AtomicU32 = AtomicU32::new(EXTRA_ARENAS);
 
 /// Takes one of the [`EXTRA_ARENAS`]; false when they are all made.

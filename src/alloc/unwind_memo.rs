@@ -34,10 +34,8 @@ const ENTRIES: usize = 16;
 /// words per frame on x86_64: the return address and a saved frame pointer).
 const READS: usize = 2 * DEPTH;
 
-/// One remembered stack.
+/// One remembered stack (its stack pointer is in [`Memo::sps`]).
 struct Entry {
-    /// The stack pointer its unwind started from; 0 for none.
-    sp: u64,
     /// The frame-pointer register its unwind started from ([`NO_FRAME_POINTER`]: any).
     bp: u64,
     depth: u16,
@@ -51,7 +49,8 @@ struct Entry {
 /// The remembered stacks (about 42 KiB).
 pub(crate) struct Memo {
     entries: Vec<Entry>,
-    /// Each entry's stack pointer (0: none), side by side so that a recall finds the
+    /// Each entry's stack pointer, the one its unwind started from (0: none), side by side
+    /// so that a recall finds the
     /// candidates in two cache lines.
     sps: [u64; ENTRIES],
     /// When each entry was last recalled or recorded, by `clock`.
@@ -64,7 +63,6 @@ impl Memo {
         Self {
             entries: (0..ENTRIES)
                 .map(|_| Entry {
-                    sp: 0,
                     bp: NO_FRAME_POINTER,
                     depth: 0,
                     reads: 0,
@@ -128,7 +126,6 @@ impl Memo {
         self.touch(i);
         self.sps[i] = 0;
         let entry = &mut self.entries[i];
-        entry.sp = 0;
         entry.reads = 0;
         Recording {
             entry,
@@ -199,7 +196,6 @@ impl Recording<'_> {
         e.depth = frames.len() as u16;
         e.cut = cut;
         e.bp = bp;
-        e.sp = sp;
         *self.sp = sp;
     }
 }
