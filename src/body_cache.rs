@@ -4,36 +4,56 @@
 //! that accepts gzip (Prometheus, browsers) gets the body compressed, once per body kept:
 //! most of a larger route's cost under load is the kernel copying its bytes.
 
-use std::sync::{Arc, Mutex};
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex, TryLockError};
+use std::time::Duration;
 
 use axum::body::Bytes;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 
 use crate::snapshot::Snapshot;
 
-/// Bodies rendered for one generation `G` of the inputs (a snapshot, a count of recorded
-/// samples), at most `capacity` of them, one per key `K` (a format, a query). A new
-/// generation drops every body of the old one, so the cache holds one generation's worth.
+/// Bodies rendered for the latest generation `G` of the inputs (a snapshot, a count of
+/// recorded samples), at most `capacity` of them, one per key `K` (a format, a query),
+/// and those of the generation before it. A body of an older generation is served only
+/// while another request renders the current one, and only if the caller allows it
+/// (`stale_ok`): under load, every request that missed at once rendered the same body.
 pub(crate) struct BodyCache<G, K> {
     capacity: usize,
-    entries: Mutex<Option<Generation<G, K>>>,
+    entries: Mutex<Kept<G, K>>,
+    /// Held by the request rendering a body.
+    rendering: Mutex<()>,
+}
+
+/// The latest generation's bodies, and the previous generation's.
+struct Kept<G, K> {
+    latest: Option<Generation<G, K>>,
+    previous: Option<Generation<G, K>>,
 }
 
 /// One generation and its bodies by key.
 type Generation<G, K> = (G, Vec<(K, Bytes)>);
 
 impl<G: PartialEq, K: PartialEq> BodyCache<G, K> {
-    /// An empty cache of at most `capacity` bodies.
+    /// An empty cache of at most `capacity` bodies per generation.
     pub(crate) const fn new(capacity: usize) -> Self {
         Self {
             capacity,
-            entries: Mutex::new(None),
+            entries: Mutex::new(Kept {
+                latest: None,
+                previous: None,
+            }),
+            rendering: Mutex::new(()),
         }
     }
 
-    /// The body for `key` of `generation`: the kept one, or `render`'s, then kept. Two
-    /// requests that miss at once both render; the later one is kept.
+    /// The body for `key` of `generation`: the kept one, or `render`'s, then kept. While
+    /// another request renders, a kept body for `key` of an older generation that
+    /// `stale_ok` accepts is returned instead; without one, both render and the later is
+    /// kept.
     ///
     /// # Errors
     /// `render`'s error, which is not kept.
@@ -41,38 +61,95 @@ impl<G: PartialEq, K: PartialEq> BodyCache<G, K> {
         &self,
         generation: G,
         key: K,
+        stale_ok: impl Fn(&G) -> bool,
         render: impl FnOnce() -> Result<Vec<u8>, E>,
     ) -> Result<Bytes, E> {
-        if let Some((kept, entries)) = self.entries.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            if *kept == generation {
-                if let Some((_, body)) = entries.iter().find(|(k, _)| *k == key) {
-                    return Ok(body.clone());
-                }
+        let stale = {
+            let kept = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            match body_of(&kept.latest, &key) {
+                Some((g, body)) if *g == generation => return Ok(body.clone()),
+                Some((g, body)) if stale_ok(g) => Some(body.clone()),
+                _ => body_of(&kept.previous, &key)
+                    .filter(|(g, _)| **g != generation && stale_ok(g))
+                    .map(|(_, body)| body.clone()),
             }
-        }
+        };
+        let _rendering = match self.rendering.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(TryLockError::WouldBlock) => match stale {
+                Some(body) => return Ok(body),
+                None => None,
+            },
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        };
         let body = Bytes::from(render()?);
-        let mut guard = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        match guard.as_mut() {
-            Some((kept, entries)) if *kept == generation => {
+        let mut kept = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        match kept.latest.as_mut() {
+            Some((latest, entries)) if *latest == generation => {
                 entries.retain(|(k, _)| *k != key);
                 if entries.len() >= self.capacity {
                     entries.remove(0);
                 }
                 entries.push((key, body.clone()));
             }
-            _ => *guard = Some((generation, vec![(key, body.clone())])),
+            _ => {
+                kept.previous = kept.latest.replace((generation, vec![(key, body.clone())]));
+            }
         }
         Ok(body)
     }
+}
+
+/// A generation's body for `key`, if it has one.
+fn body_of<'a, G, K: PartialEq>(generation: &'a Option<Generation<G, K>>, key: &K) -> Option<(&'a G, &'a Bytes)> {
+    let (g, entries) = generation.as_ref()?;
+    Some((g, &entries.iter().find(|(k, _)| k == key)?.1))
 }
 
 /// A snapshot as a generation: the very same snapshot, not an equal one (holding it keeps
 /// its address from being reused by another).
 pub(crate) struct SameSnapshot(pub(crate) Arc<Snapshot>);
 
+impl SameSnapshot {
+    /// Whether this snapshot was taken at most `within` before `newer` (a body of it may
+    /// stand in for `newer`'s while that one renders).
+    pub(crate) fn within(&self, newer: &Snapshot, within: Duration) -> bool {
+        newer
+            .taken_at
+            .duration_since(self.0.taken_at)
+            .is_ok_and(|age| age <= within)
+    }
+}
+
 impl PartialEq for SameSnapshot {
     fn eq(&self, other: &Self) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+/// What a request asks of a kept body, read from its headers in place: the `HeaderMap`
+/// extractor copies every header of every request, which under load was a visible part
+/// of a cached route's cost.
+pub(crate) struct Wants {
+    /// The client accepts gzip ([`accepts_gzip`]).
+    pub(crate) gzip: bool,
+    /// `Accept` asks for OpenMetrics text.
+    pub(crate) openmetrics: bool,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Wants {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Infallible> {
+        let openmetrics = parts
+            .headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|accept| accept.contains("application/openmetrics-text"));
+        Ok(Self {
+            gzip: accepts_gzip(&parts.headers),
+            openmetrics,
+        })
     }
 }
 
@@ -199,10 +276,15 @@ mod tests {
         let mut renders = 0;
         let mut get = |generation, key: &'static str| {
             cache
-                .get_or_render(generation, key, || {
-                    renders += 1;
-                    Ok::<_, ()>(format!("{generation}{key}").into_bytes())
-                })
+                .get_or_render(
+                    generation,
+                    key,
+                    |_| false,
+                    || {
+                        renders += 1;
+                        Ok::<_, ()>(format!("{generation}{key}").into_bytes())
+                    },
+                )
                 .unwrap()
         };
         assert_eq!(get(1, "a"), "1a");
@@ -216,11 +298,62 @@ mod tests {
     }
 
     #[test]
+    fn an_older_body_stands_in_only_while_another_renders_and_if_allowed() {
+        let cache = BodyCache::<u64, &str>::new(2);
+        let ok = |body: &'static str| move || Ok::<_, ()>(body.as_bytes().to_vec());
+        assert_eq!(cache.get_or_render(1, "a", |_| true, ok("1a")).unwrap(), "1a");
+        // A request that misses while another renders generation 2 (here: from inside
+        // that rendering) gets generation 1's body, when allowed and only for its key.
+        let seen = cache
+            .get_or_render(
+                2,
+                "a",
+                |_| true,
+                || {
+                    let stand_in = cache.get_or_render(2, "a", |old| *old == 1, ok("never")).unwrap();
+                    let refused = cache.get_or_render(2, "a", |_| false, ok("2a, rendered too")).unwrap();
+                    let other_key = cache.get_or_render(2, "b", |_| true, ok("2b")).unwrap();
+                    Ok::<_, ()>([&stand_in[..], &refused[..], &other_key[..]].join(&b'|'))
+                },
+            )
+            .unwrap();
+        assert_eq!(seen, "1a|2a, rendered too|2b");
+        // The rendering that finished is kept; the previous generation still stands in
+        // for a third while that renders, and nothing older does.
+        assert_eq!(
+            cache.get_or_render(2, "a", |_| true, ok("never")).unwrap(),
+            "1a|2a, rendered too|2b"
+        );
+        cache
+            .get_or_render(
+                3,
+                "a",
+                |_| true,
+                || {
+                    assert_eq!(
+                        cache.get_or_render(3, "a", |_| true, ok("never")).unwrap(),
+                        "1a|2a, rendered too|2b"
+                    );
+                    assert_eq!(cache.get_or_render(3, "c", |_| true, ok("3c")).unwrap(), "3c");
+                    Ok::<_, ()>(b"3a".to_vec())
+                },
+            )
+            .unwrap();
+        // No render in progress: never a stand-in.
+        assert_eq!(cache.get_or_render(4, "a", |_| true, ok("4a")).unwrap(), "4a");
+    }
+
+    #[test]
     fn an_error_is_not_kept() {
         let cache = BodyCache::<u64, ()>::new(1);
-        assert_eq!(cache.get_or_render(1, (), || Err::<Vec<u8>, _>("no")), Err("no"));
         assert_eq!(
-            cache.get_or_render(1, (), || Ok::<_, &str>(b"yes".to_vec())).unwrap(),
+            cache.get_or_render(1, (), |_| true, || Err::<Vec<u8>, _>("no")),
+            Err("no")
+        );
+        assert_eq!(
+            cache
+                .get_or_render(1, (), |_| true, || Ok::<_, &str>(b"yes".to_vec()))
+                .unwrap(),
             "yes"
         );
     }

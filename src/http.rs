@@ -8,13 +8,13 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use crate::body_cache::{accepts_gzip, encode, respond, BodyCache, SameSnapshot};
+use crate::body_cache::{encode, respond, BodyCache, SameSnapshot, Wants};
 use crate::monitor::OTHER_COMPONENT;
 use crate::snapshot::{KernelSignals, Pressure, PsiLine, Snapshot};
 use crate::MemoryMonitor;
@@ -78,12 +78,16 @@ struct Rendered {
     body: BodyCache<SameSnapshot, bool>,
 }
 
-async fn profile(State(rendered): State<Arc<Rendered>>, headers: HeaderMap) -> Response {
+async fn profile(State(rendered): State<Arc<Rendered>>, wants: Wants) -> Response {
     let snap = rendered.monitor.snapshot();
-    let gzip = accepts_gzip(&headers);
-    let body = rendered.body.get_or_render(SameSnapshot(Arc::clone(&snap)), gzip, || {
-        serde_json::to_vec(&MemoryProfile::from_snapshot(&snap)).map(|json| encode(json, gzip))
-    });
+    let gzip = wants.gzip;
+    let stand_in = rendered.monitor.cache_window().saturating_mul(2);
+    let stale_ok = |old: &SameSnapshot| old.within(&snap, stand_in);
+    let body = rendered
+        .body
+        .get_or_render(SameSnapshot(Arc::clone(&snap)), gzip, stale_ok, || {
+            serde_json::to_vec(&MemoryProfile::from_snapshot(&snap)).map(|json| encode(json, gzip))
+        });
     json_body(body, gzip, "the profile")
 }
 

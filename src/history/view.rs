@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
 use super::{History, QueryError, Sample, Stat, Trends};
-use crate::body_cache::{accepts_gzip, encode, BodyCache, SameSnapshot};
+use crate::body_cache::{encode, BodyCache, SameSnapshot, Wants};
 use crate::http::{json_body, ErrorBody, MemoryProfile};
 use crate::MemoryMonitor;
 
@@ -292,7 +292,7 @@ fn rendered(body: Result<axum::body::Bytes, RenderError>, gzip: bool, what: &str
 pub(crate) async fn history(
     State(views): State<Arc<Views>>,
     Query(params): Query<HashMap<String, String>>,
-    headers: HeaderMap,
+    wants: Wants,
 ) -> Response {
     let Some(history) = views.monitor.history() else {
         return no_history();
@@ -304,15 +304,18 @@ pub(crate) async fn history(
         (Ok(w), Ok(s)) => (w.unwrap_or(history.config().trend_window), s),
         (Err(e), _) | (_, Err(e)) => return bad_request(e),
     };
-    let gzip = accepts_gzip(&headers);
-    let body = views
-        .history
-        .get_or_render(history.records(), (window, step, gzip), || {
+    let gzip = wants.gzip;
+    let body = views.history.get_or_render(
+        history.records(),
+        (window, step, gzip),
+        |_| false,
+        || {
             let samples = history.samples(window, step).map_err(RenderError::Query)?;
             let json =
                 serde_json::to_vec(&HistoryDocument::new(history, window, &samples)).map_err(RenderError::Json)?;
             Ok(encode(json, gzip))
-        });
+        },
+    );
     rendered(body, gzip, "the history")
 }
 
@@ -320,7 +323,7 @@ pub(crate) async fn history(
 pub(crate) async fn trends(
     State(views): State<Arc<Views>>,
     Query(params): Query<HashMap<String, String>>,
-    headers: HeaderMap,
+    wants: Wants,
 ) -> Response {
     let Some(history) = views.monitor.history() else {
         return no_history();
@@ -334,11 +337,16 @@ pub(crate) async fn trends(
     };
     let snap = views.monitor.snapshot();
     let generation = (history.records(), SameSnapshot(Arc::clone(&snap)));
-    let gzip = accepts_gzip(&headers);
-    let body = views.trends.get_or_render(generation, (window, gzip), || {
-        let trends = history.trends(window).map_err(RenderError::Query)?;
-        let json = serde_json::to_vec(&TrendsDocument::new(&trends, &snap)).map_err(RenderError::Json)?;
-        Ok(encode(json, gzip))
-    });
+    let gzip = wants.gzip;
+    let body = views.trends.get_or_render(
+        generation,
+        (window, gzip),
+        |_| false,
+        || {
+            let trends = history.trends(window).map_err(RenderError::Query)?;
+            let json = serde_json::to_vec(&TrendsDocument::new(&trends, &snap)).map_err(RenderError::Json)?;
+            Ok(encode(json, gzip))
+        },
+    );
     rendered(body, gzip, "the trends")
 }
