@@ -310,3 +310,33 @@ fn screenshot(path: &str) {
     drop(driver);
     proc.terminate();
 }
+
+#[test]
+fn a_browser_that_accepts_gzip_gets_the_same_page_gzipped() {
+    let (_proc, addr) = start_service(&["--no-demo"]);
+    let url = format!("http://{addr}/memory");
+    let plain = client().get(&url).send().expect("GET /memory");
+    assert_eq!(plain.status(), 200);
+    assert_eq!(plain.headers().get("content-encoding"), None);
+    let plain = plain.bytes().unwrap();
+    assert!(plain.starts_with(b"<!doctype html>"));
+    for _ in 0..2 {
+        let gzipped = client()
+            .get(&url)
+            .header("accept-encoding", "gzip, deflate, br")
+            .send()
+            .expect("GET /memory, gzip");
+        assert_eq!(gzipped.headers()["content-encoding"], "gzip");
+        assert_eq!(gzipped.headers()["content-type"], "text/html; charset=utf-8");
+        let compressed = gzipped.bytes().unwrap();
+        assert!(
+            compressed.len() < plain.len() / 2,
+            "{} of {} bytes",
+            compressed.len(),
+            plain.len()
+        );
+        let mut page = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&compressed[..]), &mut page).expect("gzip");
+        assert_eq!(page, plain);
+    }
+}

@@ -31,7 +31,7 @@ use tikv_jemalloc_sys as sys;
 use super::chunks;
 use super::counters::SLOTS;
 
-pub(crate) use chunks::slot_of;
+pub(crate) use chunks::{slot_of, Owners};
 
 const UNTRIED: u8 = 0;
 const RESERVING: u8 = 1;

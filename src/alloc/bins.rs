@@ -540,16 +540,6 @@ extern "C" fn forget_tcache_in_child() {
 /// Regions per refill at most (half the largest capacity).
 const BATCH: usize = CAP_MAX as usize / 2;
 
-/// Whether a region jemalloc returned for `slot` lies in `slot`'s chunks; if not (jemalloc
-/// did not honour the arena), hands it back and returns false.
-unsafe fn proven(region: *mut c_void, slot: u8, size: usize) -> bool {
-    if arenas::slot_of(region.cast()) == Some(slot) {
-        return true;
-    }
-    sys::sdallocx(region, size, sys::MALLOCX_TCACHE_NONE);
-    false
-}
-
 /// An empty list: refills part of it and returns one more region; null if the arena is
 /// unavailable or jemalloc does not place in it now.
 #[cold]
@@ -570,7 +560,9 @@ unsafe fn refill(state: &ThreadState, slot: u8, class: usize) -> *mut u8 {
         grow(t, bins, bin, class, extra - bin.cap());
     }
     let want = extra.min(bin.cap()) as usize + 1;
-    let mut regions = [std::ptr::null_mut::<c_void>(); BATCH];
+    // Written by jemalloc before they are read (`filled` of them): zeroing the array took
+    // a call to `memset` per refill.
+    let mut regions = [const { MaybeUninit::<*mut c_void>::uninit() }; BATCH];
     let flags = refill_flags(t, slot, bins.arena);
     let mut filled = batch_alloc(&mut regions[..want], size, flags);
     while filled < want {
@@ -578,21 +570,40 @@ unsafe fn refill(state: &ThreadState, slot: u8, class: usize) -> *mut u8 {
         if region.is_null() {
             break;
         }
-        regions[filled] = region;
+        regions[filled].write(region);
         filled += 1;
     }
-    let mut first = std::ptr::null_mut::<u8>();
-    for &region in &regions[..filled] {
-        if !proven(region, slot, size) {
-            continue;
+    // SAFETY: jemalloc wrote the first `filled` (`batch_alloc`, then the loop above).
+    let regions = unsafe { &*(&raw const regions[..filled] as *const [*mut c_void]) };
+    // Each region is placed only if its address lies in `slot`'s chunks. They all do
+    // unless jemalloc ignored the arena (see the module docs), so they are checked in one
+    // tight pass (the reservation's bounds read once) and copied onto the stack at once:
+    // checking and pushing each in turn took 15 instructions a region.
+    let owners = arenas::Owners::now();
+    let first = if regions.iter().all(|&r| owners.slot_of(r.cast()) == Some(slot)) {
+        let Some((&first, rest)) = regions.split_first() else {
+            return std::ptr::null_mut();
+        };
+        // At most `cap` regions besides the first: `want` is at most `cap + 1`. A stack
+        // slot is a `NonNull<u8>`, of a pointer's layout; the regions are not null.
+        let top = bin.top.get();
+        std::ptr::copy_nonoverlapping(rest.as_ptr().cast::<NonNull<u8>>(), top, rest.len());
+        bin.top.set(top.add(rest.len()));
+        first.cast::<u8>()
+    } else {
+        let mut first = std::ptr::null_mut::<u8>();
+        for &region in regions {
+            if owners.slot_of(region.cast()) != Some(slot) {
+                // jemalloc did not honour the arena: handed back.
+                sys::sdallocx(region, size, sys::MALLOCX_TCACHE_NONE);
+            } else if first.is_null() {
+                first = region.cast::<u8>();
+            } else {
+                bin.put(region.cast::<u8>());
+            }
         }
-        if first.is_null() {
-            first = region.cast::<u8>();
-            continue;
-        }
-        // At most `cap` regions besides `first`: `want` is at most `cap + 1`.
-        bin.put(region.cast::<u8>());
-    }
+        first
+    };
     publish_now_and_then(t);
     first
 }
@@ -611,7 +622,7 @@ struct BatchPacket {
 
 /// Fills `regions` with `experimental.batch_alloc` (taking from the tcache in bulk);
 /// returns how many it filled (0 if the control is missing).
-unsafe fn batch_alloc(regions: &mut [*mut c_void], size: usize, flags: i32) -> usize {
+unsafe fn batch_alloc(regions: &mut [MaybeUninit<*mut c_void>], size: usize, flags: i32) -> usize {
     let mib = BATCH_MIB.get_or_init(|| {
         let mut mib = [0usize; 2];
         raw::name_to_mib(b"experimental.batch_alloc\0", &mut mib)
@@ -622,7 +633,7 @@ unsafe fn batch_alloc(regions: &mut [*mut c_void], size: usize, flags: i32) -> u
         return 0;
     };
     let mut packet = BatchPacket {
-        ptrs: regions.as_mut_ptr(),
+        ptrs: regions.as_mut_ptr().cast(),
         num: regions.len(),
         size,
         flags,

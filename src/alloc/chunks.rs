@@ -144,6 +144,38 @@ pub(crate) fn slot_of(ptr: *mut u8) -> Option<u8> {
     }
 }
 
+/// The slot owning each of many addresses, with the reservation read once: for a refill's
+/// batch of regions, where [`slot_of`] per region read the reservation's bounds again for
+/// each (relaxed atomics are not hoisted out of a loop).
+#[derive(Clone, Copy)]
+pub(crate) struct Owners {
+    base: usize,
+    size: usize,
+}
+
+impl Owners {
+    /// The reservation as it is now (it is installed once, and never changes after).
+    #[inline(always)]
+    pub(crate) fn now() -> Self {
+        Self {
+            base: RESERVED.base.load(Relaxed),
+            size: RESERVED.size.load(Relaxed),
+        }
+    }
+
+    /// [`slot_of`] `ptr`, for a pointer from an arena (see [`slot_of`] on ordering).
+    #[inline(always)]
+    pub(crate) fn slot_of(self, ptr: *mut u8) -> Option<u8> {
+        let offset = (ptr as usize).wrapping_sub(self.base);
+        if offset < self.size {
+            // SAFETY: the reservation is at most the table's chunks long.
+            Some(unsafe { CHUNK_SLOT.get_unchecked(offset >> CHUNK_SHIFT) }.load(Relaxed))
+        } else {
+            None
+        }
+    }
+}
+
 /// Maps as much address space as it can, from 64 GiB down to 4 GiB, with no access and
 /// starting on a chunk boundary: jemalloc asks for aligned extents, and chunks are aligned
 /// in absolute terms, so the table's entries must be too. Returns its start and size.
