@@ -186,6 +186,7 @@ impl MemoryMonitor {
     }
 
     /// How long a snapshot is reused ([`MemoryMonitorBuilder::cache_window`]).
+    #[cfg(feature = "http")]
     pub(crate) fn cache_window(&self) -> Duration {
         self.inner.cache_window
     }
