@@ -201,6 +201,13 @@ if mem_rounds:
               f"{mib(median(tracked)) if tracked else '-':>12} {cells[0]:>22} {cells[1]:>22}")
     if extra is not None:
         verdict(f"memtel extra resident from tags ≤ 3% (median of {len(mem_rounds)} rounds)", extra <= 0.03, f"{extra * 100:+.2f}%")
+    # The same data set 1.5 s later, still held: freed pages have had their decay.
+    settled = [m["memtel"]["resident_settled_delta"] / m["jemalloc"]["resident_settled_delta"]
+               for m in mem_rounds if "memtel" in m and "jemalloc" in m
+               and m["jemalloc"].get("resident_settled_delta") and "resident_settled_delta" in m["memtel"]]
+    if settled:
+        print(f"  resident 1.5 s later, memtel ÷ jemalloc: {median(settled):.4f}× ({min(settled):.3f}–{max(settled):.3f})")
+        verdict(f"memtel extra resident 1.5 s later ≤ 3% (median of {len(settled)} rounds)", median(settled) - 1 <= 0.03, f"{(median(settled) - 1) * 100:+.2f}%")
     print()
 else:
     print("memory: no fresh figures\n")

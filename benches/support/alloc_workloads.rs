@@ -500,6 +500,9 @@ pub fn jemalloc_stats() -> (u64, u64) {
 /// `tracked` reads the allocator's own attribution of live bytes, if it has one.
 ///
 /// Prints the figures and writes them to `<criterion dir>/alloc-memory/<name>.json`.
+/// How long [`measure_memory`] waits before its second reading of resident bytes.
+const SETTLE: Duration = Duration::from_millis(1500);
+
 pub fn measure_memory<S: Scope>(name: &str, scope: &S, tracked: impl Fn() -> Option<u64>) {
     let tracked_before = tracked();
     let (allocated_before, resident_before) = jemalloc_stats();
@@ -507,6 +510,11 @@ pub fn measure_memory<S: Scope>(name: &str, scope: &S, tracked: impl Fn() -> Opt
     let (allocated_after, resident_after) = jemalloc_stats();
     let tracked_after = tracked();
     let checksum: usize = data.iter().map(Built::checksum).sum();
+    // Again once freed pages have had their decay (memtel's component arenas: 1 s, with its
+    // decay thread's 250 ms tick), the data set still held: right after the workers exit,
+    // bare jemalloc has purged the arenas they leave and memtel's decay has not run yet.
+    std::thread::sleep(SETTLE);
+    let (_, resident_settled) = jemalloc_stats();
 
     let allocated = allocated_after.saturating_sub(allocated_before);
     let resident = resident_after.saturating_sub(resident_before);
@@ -526,6 +534,7 @@ pub fn measure_memory<S: Scope>(name: &str, scope: &S, tracked: impl Fn() -> Opt
         "records": WORKERS * DATASET_RECORDS,
         "allocated_delta": allocated,
         "resident_delta": resident,
+        "resident_settled_delta": resident_settled.saturating_sub(resident_before),
         "tracked_delta": tracked,
         "allocated_before": allocated_before,
         "resident_before": resident_before,
