@@ -251,19 +251,11 @@ pub(crate) fn user_joined(slot: u8) {
 }
 
 /// A thread that kept lists for `slot`'s arena exited, its regions returned. When it was
-/// the last, and no decay thread runs in this process (a `fork` child, or one that could
-/// not start it), the arena's dirty pages are purged, as jemalloc does for an arena whose
-/// last thread exits: no thread is bound to a component arena, so jemalloc itself never
-/// would, and an arena nobody allocates from gets no decay ticks. With the decay thread,
-/// the pages go back by its decay within [`DIRTY_DECAY_MS`] instead: purging at once cost
-/// a workload of short-lived threads (one per batch of work) a quarter of its time, each
-/// batch faulting its slabs' pages back in, and made the heap profiler's sampling look
-/// 1.07x as costly there (1.00-1.01x without: sampled runs purged three times the extents).
+/// the last, the arena's dirty pages are purged, as jemalloc does for an arena whose last
+/// thread exits: no thread is bound to a component arena, so jemalloc itself never would,
+/// and an arena nobody allocates from gets no decay ticks.
 pub(crate) fn user_left(slot: u8) {
     if USERS[usize::from(slot)].fetch_sub(1, Relaxed) != 1 {
-        return;
-    }
-    if DECAY_PROCESS.load(Relaxed) == std::process::id() {
         return;
     }
     for index in arena_indices(usize::from(slot)) {
@@ -300,10 +292,6 @@ const DECAY_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 /// their last thread exits.
 static DECAYING: AtomicBool = AtomicBool::new(false);
 
-/// The process the decay thread runs in (0 before it starts): a `fork` child, which has
-/// none, sees its parent's id.
-static DECAY_PROCESS: AtomicU32 = AtomicU32::new(0);
-
 /// Starts the decay thread once: jemalloc decays an arena only as it is used (and purges
 /// one whose last bound thread exits), and no thread is bound to a component arena, so a
 /// component that goes idle would keep its freed pages until its next allocation. The thread
@@ -322,7 +310,6 @@ fn start_decay_thread() {
         DECAYING.store(false, Relaxed);
         return;
     }
-    DECAY_PROCESS.store(std::process::id(), Relaxed);
     // SAFETY: a thread just created; names are at most 15 bytes.
     unsafe {
         libc::pthread_setname_np(thread, c"memtel-decay".as_ptr());

@@ -834,9 +834,9 @@ pub(crate) unsafe fn release(region: *mut u8, class: usize) {
 
 /// Returns an exiting thread's regions to their arenas, frees its lists and destroys its
 /// tcache; its later small allocations take a tag, and placed regions it frees go to
-/// jemalloc directly. Arenas no other live thread keeps lists for are then decayed or
-/// purged (`arenas::user_left`), once everything the thread held is back in them: its
-/// automatic tcache is flushed first.
+/// jemalloc directly. Arenas no other live thread keeps lists for are then purged
+/// (`arenas::user_left`), once everything the thread held is back in them: its automatic
+/// tcache is flushed first.
 pub(crate) fn release_thread(t: &ThreadBins) {
     let joined = t.joined.replace(0);
     for slot in 0..SLOTS {
