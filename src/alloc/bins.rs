@@ -580,29 +580,30 @@ unsafe fn refill(state: &ThreadState, slot: u8, class: usize) -> *mut u8 {
     // tight pass (the reservation's bounds read once) and copied onto the stack at once:
     // checking and pushing each in turn took 15 instructions a region.
     let owners = arenas::Owners::now();
-    let first = if regions.iter().all(|&r| owners.slot_of(r.cast()) == Some(slot)) {
-        let Some((&first, rest)) = regions.split_first() else {
-            return std::ptr::null_mut();
-        };
-        // At most `cap` regions besides the first: `want` is at most `cap + 1`. A stack
-        // slot is a `NonNull<u8>`, of a pointer's layout; the regions are not null.
-        let top = bin.top.get();
-        std::ptr::copy_nonoverlapping(rest.as_ptr().cast::<NonNull<u8>>(), top, rest.len());
-        bin.top.set(top.add(rest.len()));
-        first.cast::<u8>()
-    } else {
-        let mut first = std::ptr::null_mut::<u8>();
-        for &region in regions {
-            if owners.slot_of(region.cast()) != Some(slot) {
-                // jemalloc did not honour the arena: handed back.
-                sys::sdallocx(region, size, sys::MALLOCX_TCACHE_NONE);
-            } else if first.is_null() {
-                first = region.cast::<u8>();
-            } else {
-                bin.put(region.cast::<u8>());
-            }
+    let first = match regions.split_first() {
+        Some((&first, rest)) if regions.iter().all(|&r| owners.slot_of(r.cast()) == Some(slot)) => {
+            // At most `cap` regions besides the first: `want` is at most `cap + 1`. A
+            // stack slot is a `NonNull<u8>`, of a pointer's layout; regions are not null.
+            let top = bin.top.get();
+            std::ptr::copy_nonoverlapping(rest.as_ptr().cast::<NonNull<u8>>(), top, rest.len());
+            bin.top.set(top.add(rest.len()));
+            first.cast::<u8>()
         }
-        first
+        // None at all, or some jemalloc did not place in the arena.
+        _ => {
+            let mut first = std::ptr::null_mut::<u8>();
+            for &region in regions {
+                if owners.slot_of(region.cast()) != Some(slot) {
+                    // jemalloc did not honour the arena: handed back.
+                    sys::sdallocx(region, size, sys::MALLOCX_TCACHE_NONE);
+                } else if first.is_null() {
+                    first = region.cast::<u8>();
+                } else {
+                    bin.put(region.cast::<u8>());
+                }
+            }
+            first
+        }
     };
     publish_now_and_then(t);
     first

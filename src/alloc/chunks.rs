@@ -135,13 +135,7 @@ pub(crate) extern "C" fn after_fork_in_child() {
 /// extent in it was given back, when no live allocation points into it.)
 #[inline(always)]
 pub(crate) fn slot_of(ptr: *mut u8) -> Option<u8> {
-    let offset = (ptr as usize).wrapping_sub(RESERVED.base.load(Relaxed));
-    if offset < RESERVED.size.load(Relaxed) {
-        // SAFETY: the reservation is at most the table's chunks long.
-        Some(unsafe { CHUNK_SLOT.get_unchecked(offset >> CHUNK_SHIFT) }.load(Relaxed))
-    } else {
-        None
-    }
+    Owners::now().slot_of(ptr)
 }
 
 /// The slot owning each of many addresses, with the reservation read once: for a refill's
