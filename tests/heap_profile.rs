@@ -200,3 +200,41 @@ fn samples_carry_the_innermost_span_with_the_component_layer() {
     drop(pages);
     memtel::alloc::set_heap_sample_interval(0);
 }
+
+/// `depth` frames of its own above the allocations, so that each depth is a stack of its own.
+#[inline(never)]
+fn allocate_at_depth(depth: usize) -> Vec<Vec<u8>> {
+    if depth == 0 {
+        return black_box((0..64).map(|i| black_box(vec![3u8; 512 + 8 * i])).collect());
+    }
+    black_box(allocate_at_depth(depth - 1))
+}
+
+#[test]
+fn the_profilers_own_memory_is_outside_the_sampled_component() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    // A sample every KiB or so: a thousand live samples, from 40 stacks.
+    memtel::alloc::set_heap_sample_interval(1 << 10);
+    let sampled = memtel::component("sampled_often");
+    let start = sampled.live_bytes();
+    let held_bytes = sampled.in_scope(|| {
+        let held: Vec<Vec<Vec<u8>>> = (0..40).map(allocate_at_depth).collect();
+        let bytes: usize = held.iter().flatten().map(Vec::len).sum();
+        drop(black_box(held));
+        bytes
+    });
+    let profile = memtel::profile::heap_profile();
+    memtel::alloc::set_heap_sample_interval(0);
+    assert!(
+        profile.samples.len() >= 20,
+        "{} stacks sampled from {held_bytes} bytes",
+        profile.samples.len()
+    );
+    // Everything the component allocated is freed; the profiler's table still holds every
+    // stack it saw, and its maps their capacity, but in memory of its own.
+    assert_eq!(
+        sampled.live_bytes(),
+        start,
+        "the component kept bytes after freeing all of its {held_bytes}"
+    );
+}

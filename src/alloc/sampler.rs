@@ -167,7 +167,9 @@ pub(crate) fn record(state: &ThreadState, ptr: *mut u8, size: usize, slot: u8) {
     let span = super::layer::innermost_span();
     #[cfg(not(feature = "tracing"))]
     let span = None;
-    with_table(|table| table.insert(ptr as usize, &frames[..depth], slot, span, size, weight));
+    with_table(state, |table| {
+        table.insert(ptr as usize, &frames[..depth], slot, span, size, weight)
+    });
     redraw(state);
     t.busy.set(false);
 }
@@ -179,7 +181,7 @@ pub(crate) fn forget(ptr: *mut u8) {
     }
     super::counters::STATE.with(|s| {
         let was = s.sampler.busy.replace(true);
-        with_table(|table| {
+        with_table(s, |table| {
             table.live.remove(&(ptr as usize));
         });
         s.sampler.busy.set(was);
@@ -194,7 +196,7 @@ pub(crate) fn moved(old: *mut u8, new: *mut u8, size: usize) {
     super::counters::STATE.with(|s| {
         let was = s.sampler.busy.replace(true);
         let weight = scale(size);
-        with_table(|table| {
+        with_table(s, |table| {
             if let Some(mut live) = table.live.remove(&(old as usize)) {
                 live.size = size;
                 live.weight = weight;
@@ -319,13 +321,22 @@ static TABLE: Locked = Locked {
 
 /// Runs `f` on the table under its lock. The caller must have set its thread's `busy`
 /// flag: what `f` allocates must not be sampled (that would take the lock again).
-fn with_table<R>(f: impl FnOnce(&mut Table) -> R) -> R {
+///
+/// What the table allocates (its maps, each new stack's frames) is the profiler's own
+/// memory, so it is made outside any component (`other`), whatever component the thread
+/// is in: counted in the sampled allocation's component, it showed there as growth, and
+/// its long-lived regions in that component's arena left the pages a purge returns in
+/// three times as many pieces (sampling at 512 KiB took 1.056x the time of sampling off
+/// on a workload whose threads each exit after a batch).
+fn with_table<R>(state: &ThreadState, f: impl FnOnce(&mut Table) -> R) -> R {
+    let component = state.current.replace(0);
     while TABLE.lock.compare_exchange_weak(false, true, Acquire, Relaxed).is_err() {
         std::hint::spin_loop();
     }
     // SAFETY: the lock is held.
     let result = f(unsafe { &mut *TABLE.table.get() }.get_or_insert_with(Table::default));
     TABLE.lock.store(false, Release);
+    state.current.set(component);
     result
 }
 
@@ -337,7 +348,7 @@ pub(crate) fn read<R>(f: impl FnOnce(&Table) -> R) -> R {
     }
     super::counters::STATE.with(|s| {
         let was = s.sampler.busy.replace(true);
-        let result = with_table(|t| f(t));
+        let result = with_table(s, |t| f(t));
         s.sampler.busy.set(was);
         result
     })
