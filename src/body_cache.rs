@@ -6,7 +6,6 @@
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex, TryLockError};
-use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::FromRequestParts;
@@ -15,6 +14,7 @@ use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 
 use crate::snapshot::Snapshot;
+use crate::MemoryMonitor;
 
 /// Bodies rendered for the latest generation `G` of the inputs (a snapshot, a count of
 /// recorded samples), at most `capacity` of them, one per key `K` (a format, a query),
@@ -111,13 +111,13 @@ fn body_of<'a, G, K: PartialEq>(generation: &'a Option<Generation<G, K>>, key: &
 pub(crate) struct SameSnapshot(pub(crate) Arc<Snapshot>);
 
 impl SameSnapshot {
-    /// Whether this snapshot was taken at most `within` before `newer` (a body of it may
-    /// stand in for `newer`'s while that one renders).
-    pub(crate) fn within(&self, newer: &Snapshot, within: Duration) -> bool {
+    /// Whether a body of this snapshot may stand in for `newer`'s while that one renders:
+    /// taken at most `monitor`'s stand-in age before it, as for the snapshot itself.
+    pub(crate) fn may_stand_in_for(&self, newer: &Snapshot, monitor: &MemoryMonitor) -> bool {
         newer
             .taken_at
             .duration_since(self.0.taken_at)
-            .is_ok_and(|age| age <= within)
+            .is_ok_and(|age| age <= monitor.stand_in_age())
     }
 }
 

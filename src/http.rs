@@ -81,8 +81,7 @@ struct Rendered {
 async fn profile(State(rendered): State<Arc<Rendered>>, wants: Wants) -> Response {
     let snap = rendered.monitor.snapshot();
     let gzip = wants.gzip;
-    let stand_in = rendered.monitor.cache_window().saturating_mul(2);
-    let stale_ok = |old: &SameSnapshot| old.within(&snap, stand_in);
+    let stale_ok = |old: &SameSnapshot| old.may_stand_in_for(&snap, &rendered.monitor);
     let body = rendered
         .body
         .get_or_render(SameSnapshot(Arc::clone(&snap)), gzip, stale_ok, || {

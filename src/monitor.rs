@@ -159,7 +159,7 @@ impl MemoryMonitor {
                 if age < window {
                     return Arc::clone(snap);
                 }
-                (age < window.saturating_mul(2)).then(|| Arc::clone(snap))
+                (age < self.stand_in_age()).then(|| Arc::clone(snap))
             }
             None => None,
         };
@@ -185,10 +185,11 @@ impl MemoryMonitor {
         snap
     }
 
-    /// How long a snapshot is reused ([`MemoryMonitorBuilder::cache_window`]).
-    #[cfg(feature = "http")]
-    pub(crate) fn cache_window(&self) -> Duration {
-        self.inner.cache_window
+    /// How old a snapshot may be and still stand in for the next one while another caller
+    /// takes it (two cache windows): for [`snapshot`](Self::snapshot), and for bodies
+    /// rendered from snapshots.
+    pub(crate) fn stand_in_age(&self) -> Duration {
+        self.inner.cache_window.saturating_mul(2)
     }
 
     /// The effective limit as last read (re-read every

@@ -64,8 +64,7 @@ struct Rendered {
 async fn metrics(State(rendered): State<Arc<Rendered>>, wants: Wants) -> Response {
     let Wants { gzip, openmetrics } = wants;
     let snap = rendered.monitor.snapshot();
-    let stand_in = rendered.monitor.cache_window().saturating_mul(2);
-    let stale_ok = |old: &SameSnapshot| old.within(&snap, stand_in);
+    let stale_ok = |old: &SameSnapshot| old.may_stand_in_for(&snap, &rendered.monitor);
     let body = rendered
         .body
         .get_or_render(SameSnapshot(Arc::clone(&snap)), (openmetrics, gzip), stale_ok, || {

@@ -494,15 +494,15 @@ pub fn jemalloc_stats() -> (u64, u64) {
     (allocated, resident)
 }
 
+/// How long [`measure_memory`] waits before its second reading of resident bytes.
+const SETTLE: Duration = Duration::from_millis(1500);
+
 /// Builds and keeps the realistic data set (two threads, each in its scope) and reports
 /// what it added to jemalloc's `allocated` and `resident`. Call it first in `main`, before
 /// criterion has allocated anything, so every allocator starts from the same heap.
 /// `tracked` reads the allocator's own attribution of live bytes, if it has one.
 ///
 /// Prints the figures and writes them to `<criterion dir>/alloc-memory/<name>.json`.
-/// How long [`measure_memory`] waits before its second reading of resident bytes.
-const SETTLE: Duration = Duration::from_millis(1500);
-
 pub fn measure_memory<S: Scope>(name: &str, scope: &S, tracked: impl Fn() -> Option<u64>) {
     let tracked_before = tracked();
     let (allocated_before, resident_before) = jemalloc_stats();
@@ -511,8 +511,8 @@ pub fn measure_memory<S: Scope>(name: &str, scope: &S, tracked: impl Fn() -> Opt
     let tracked_after = tracked();
     let checksum: usize = data.iter().map(Built::checksum).sum();
     // Again once freed pages have had their decay (memtel's component arenas: 1 s, with its
-    // decay thread's 250 ms tick), the data set still held: right after the workers exit,
-    // bare jemalloc has purged the arenas they leave and memtel's decay has not run yet.
+    // decay thread's 250 ms tick), the data set still held: a figure that does not hang
+    // on what the workers' exits purged at that instant.
     std::thread::sleep(SETTLE);
     let (_, resident_settled) = jemalloc_stats();
 

@@ -23,14 +23,8 @@ const EXPENSIVE_FACTOR: u64 = 10;
 /// that (0: no rate limit).
 pub(crate) fn apply(cheap: Router, expensive: Router, rate: u64) -> Router {
     let body_refused = tower_http::limit::RequestBodyLimitLayer::new(0);
-    let mut cheap = cheap.layer(tower_http::timeout::TimeoutLayer::with_status_code(
-        StatusCode::REQUEST_TIMEOUT,
-        CHEAP_TIMEOUT,
-    ));
-    let mut expensive = expensive.layer(tower_http::timeout::TimeoutLayer::with_status_code(
-        StatusCode::REQUEST_TIMEOUT,
-        EXPENSIVE_TIMEOUT,
-    ));
+    let mut cheap = cheap.layer(timeout(CHEAP_TIMEOUT));
+    let mut expensive = expensive.layer(timeout(EXPENSIVE_TIMEOUT));
     if rate > 0 {
         cheap = cheap.layer(governor(rate, 2 * rate));
         let tight = rate.div_ceil(EXPENSIVE_FACTOR).max(1);
@@ -46,11 +40,13 @@ pub(crate) fn apply(cheap: Router, expensive: Router, rate: u64) -> Router {
 /// request bodies, but neither the rate limit nor the concurrency limit, so that a health
 /// check still answers while clients saturate the data routes.
 pub(crate) fn apply_open(open: Router) -> Router {
-    open.layer(tower_http::timeout::TimeoutLayer::with_status_code(
-        StatusCode::REQUEST_TIMEOUT,
-        CHEAP_TIMEOUT,
-    ))
-    .layer(tower_http::limit::RequestBodyLimitLayer::new(0))
+    open.layer(timeout(CHEAP_TIMEOUT))
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(0))
+}
+
+/// A 408 for a request not answered within `limit`.
+fn timeout(limit: Duration) -> tower_http::timeout::TimeoutLayer {
+    tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, limit)
 }
 
 type Governor = GovernorLayer<
