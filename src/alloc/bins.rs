@@ -30,9 +30,9 @@
 //!   do not keep the budget. (Counting bytes on every allocation and free instead cost a
 //!   churn loop 1.23× bare jemalloc's time, against 0.95×.) Each list is a stack of
 //!   pointers ([`Bin`]) sized for its full capacity: a thread's lists for one component
-//!   take at most 16 KiB, made when it allocates in that component and freed when their
+//!   take at most 20 KiB, made when it allocates in that component and freed when their
 //!   capacity is taken back, so a thread keeps them only for the few components its budget
-//!   is spread over (at most `MAX_COMPONENTS` × 16 KiB in any case).
+//!   is spread over (at most `MAX_COMPONENTS` × 20 KiB in any case).
 //! - **A thread has at most one explicit tcache** (`tcache.create`, made on its first
 //!   refill), used only for refills, which take regions from it in one
 //!   `experimental.batch_alloc` call (without a tcache every region would take the arena's
@@ -71,16 +71,21 @@ use super::counters::{self, ThreadState, SLOTS};
 /// Bytes a thread's lists may hold in all, over every component and class.
 pub(crate) const BUDGET: usize = 512 << 10;
 /// Bytes one list (a component and class) may hold, at least [`CAP_MIN`] and at most
-/// [`CAP_MAX`] regions: what a list holds between refills. A list of the larger classes
-/// with room for only 4 regions ran empty or full every few operations of a churn loop
-/// mixing sizes (1.07× bare jemalloc's instructions, against 0.99× with 8); 32 KiB per
-/// list instead of 16 gained nothing more and left idle threads holding more. Up to 128
-/// regions of the smallest classes, not 64: a DOM-heavy workload's bursts refilled half as
-/// often (1.040× bare jemalloc's instructions, against 1.058×); 256 took 1.027× but left 8
-/// idle threads × 64 components at bare + 26 MiB.
+/// [`CAP_MAX`] regions ([`CAP_MAX_TINY`] for classes of at most [`TINY`] bytes): what a list
+/// holds between refills. A list of the larger classes with room for only 4 regions ran
+/// empty or full every few operations of a churn loop mixing sizes (1.07× bare jemalloc's
+/// instructions, against 0.99× with 8); 32 KiB per list instead of 16 gained nothing more
+/// and left idle threads holding more. Up to 128 regions of the smallest classes, not 64: a
+/// DOM-heavy workload's bursts refilled half as often (1.040× bare jemalloc's instructions,
+/// against 1.058×). Up to 256 of the 8, 16 and 32-byte classes (a DOM's short strings and
+/// small nodes): that workload's CPU time went from 1.06–1.08× bare jemalloc's to 1.01×;
+/// 256 for every class up to 64 bytes did as well on it but left 8 idle threads × 64
+/// components at bare + 16–17 MiB, against bare + 5–9 MiB.
 const CAP_BYTES: usize = 16 << 10;
 const CAP_MIN: u32 = 8;
 const CAP_MAX: u32 = 128;
+const CAP_MAX_TINY: u32 = 256;
+const TINY: u32 = 32;
 
 /// Each class's list capacity, in regions.
 static CAP: [u32; CLASSES] = caps();
@@ -90,10 +95,11 @@ const fn caps() -> [u32; CLASSES] {
     let mut class = 0;
     while class < CLASSES {
         let cap = (CAP_BYTES / CLASS_SIZE[class] as usize) as u32;
+        let max = if CLASS_SIZE[class] <= TINY { CAP_MAX_TINY } else { CAP_MAX };
         caps[class] = if cap < CAP_MIN {
             CAP_MIN
-        } else if cap > CAP_MAX {
-            CAP_MAX
+        } else if cap > max {
+            max
         } else {
             cap
         };
@@ -538,7 +544,7 @@ extern "C" fn forget_tcache_in_child() {
 }
 
 /// Regions per refill at most (half the largest capacity).
-const BATCH: usize = CAP_MAX as usize / 2;
+const BATCH: usize = CAP_MAX_TINY as usize / 2;
 
 /// An empty list: refills part of it and returns one more region; null if the arena is
 /// unavailable or jemalloc does not place in it now.
@@ -680,7 +686,7 @@ unsafe fn grow(t: &ThreadBins, bins: &Bins, bin: &Bin, class: usize, more: u32) 
 
 /// Takes all capacity from the lists of the component (other than `keep`'s) the thread
 /// used least recently, returning what they hold to jemalloc; false if none has any.
-/// The lists themselves are freed (a component's take up to 16 KiB of stacks): a thread keeps
+/// The lists themselves are freed (a component's take up to 20 KiB of stacks): a thread keeps
 /// lists only for the components that hold some of its budget, and lists without any
 /// capacity are freed on the way.
 unsafe fn reclaim_least_recent(t: &ThreadBins, keep: &Bins) -> bool {
@@ -786,7 +792,6 @@ unsafe fn release_oldest(bin: &Bin, class: usize, count: u32) {
 /// refills fetched ahead: flushing that too made a DOM-heavy workload's bursts refill from
 /// the arena each time.)
 unsafe fn trim_all(t: &ThreadBins) {
-    flush_automatic_tcache();
     for cell in &t.lists {
         let bins = cell.get();
         if std::ptr::eq(bins, &NONE.0) {
@@ -806,6 +811,7 @@ unsafe fn trim_all(t: &ThreadBins) {
             (*bins).capacity.set((*bins).capacity.get() - freed);
         }
     }
+    flush_automatic_tcache();
     publish(t);
 }
 
@@ -869,7 +875,8 @@ mod tests {
     fn capacities_hold_a_few_regions_and_bounded_bytes() {
         for class in 0..CLASSES {
             let (cap, size) = (CAP[class], CLASS_SIZE[class] as usize);
-            assert!((CAP_MIN..=CAP_MAX).contains(&cap), "class {size}");
+            assert!((CAP_MIN..=CAP_MAX_TINY).contains(&cap), "class {size}");
+            assert!(size <= TINY as usize || cap <= CAP_MAX, "class {size}");
             assert!(cap == CAP_MIN || cap as usize * size <= CAP_BYTES, "class {size}");
             assert!(
                 cap as usize * size <= BUDGET / 4,
@@ -879,10 +886,10 @@ mod tests {
     }
 
     #[test]
-    fn a_components_lists_take_at_most_16_kib_with_a_stack_slot_per_region_of_capacity() {
+    fn a_components_lists_take_at_most_20_kib_with_a_stack_slot_per_region_of_capacity() {
         // The bound README and the module docs state.
         assert!(
-            std::mem::size_of::<Bins>() <= 16 << 10,
+            std::mem::size_of::<Bins>() <= 20 << 10,
             "{}",
             std::mem::size_of::<Bins>()
         );
