@@ -351,13 +351,20 @@ impl<A: GlobalAlloc + 'static> TrackingAllocator<A> {
                 let Some(shard) = counters::owned_shard(s) else {
                     return std::ptr::null_mut();
                 };
-                if sampler::due(s, size) {
-                    return std::ptr::null_mut();
-                }
                 let slot = s.current.get();
-                let ptr = bins::pop(s, slot, class);
+                // The countdown is the thread's byte total (see `counters::ThreadState`):
+                // testing it costs one branch after the subtraction every allocation makes.
+                // The region is taken only once the test has passed, so a sample due has
+                // only the subtraction to undo.
+                let ptr = bins::pop_unless(s, slot, class, || {
+                    let due = sampler::count_down(s, size);
+                    if due {
+                        sampler::count_back(s, size);
+                    }
+                    due
+                });
                 if !ptr.is_null() {
-                    counters::record_alloc_owned(s, shard, slot, size);
+                    counters::record_counted_alloc_owned(s, shard, slot, size);
                 }
                 ptr
             });

@@ -95,7 +95,11 @@ const fn caps() -> [u32; CLASSES] {
     let mut class = 0;
     while class < CLASSES {
         let cap = (CAP_BYTES / CLASS_SIZE[class] as usize) as u32;
-        let max = if CLASS_SIZE[class] <= TINY { CAP_MAX_TINY } else { CAP_MAX };
+        let max = if CLASS_SIZE[class] <= TINY {
+            CAP_MAX_TINY
+        } else {
+            CAP_MAX
+        };
         caps[class] = if cap < CAP_MIN {
             CAP_MIN
         } else if cap > max {
@@ -385,6 +389,26 @@ pub(crate) unsafe fn pop(state: &ThreadState, slot: u8, class: usize) -> *mut u8
     }
 }
 
+/// [`pop`], unless `refuse` (called only when the list has a region) says not to: then
+/// null, and the list is untouched.
+#[cfg(feature = "profiling")]
+#[inline(always)]
+pub(crate) unsafe fn pop_unless(state: &ThreadState, slot: u8, class: usize, refuse: impl FnOnce() -> bool) -> *mut u8 {
+    let t = &state.placement;
+    // SAFETY: as in `pop`.
+    let bin = unsafe { bins(t, slot).bins.get_unchecked(class) };
+    let top = bin.top.get();
+    if Bin::low(top) == bin.bottom.get() || refuse() {
+        return std::ptr::null_mut();
+    }
+    // SAFETY: as in `pop`.
+    unsafe {
+        let top = top.sub(1);
+        bin.top.set(top);
+        top.read().as_ptr()
+    }
+}
+
 /// Gives back a region of `class` of `slot` if the thread's list has room; false if not
 /// (the region is untouched).
 #[inline(always)]
@@ -431,13 +455,13 @@ pub(crate) fn push_or_pass(state: &ThreadState, slot: u8, class: usize) -> Freed
 }
 
 /// Pushes a region of `class` of `slot` onto the thread's list, which [`push_or_pass`]
-/// found room in.
+/// found room in, or which [`pop`] just took `region` from.
 #[inline(always)]
 pub(crate) unsafe fn push_unchecked(state: &ThreadState, slot: u8, class: usize, region: *mut u8) {
     let t = &state.placement;
     // SAFETY: as in `pop`.
     let bin = unsafe { bins(t, slot).bins.get_unchecked(class) };
-    // SAFETY: `push_or_pass` found the stack below its limit.
+    // SAFETY: `push_or_pass` found the stack below its limit, or `pop` just took from it.
     unsafe { bin.put(region) };
 }
 

@@ -41,8 +41,8 @@ static INSTALLED: AtomicBool = AtomicBool::new(false);
 
 /// Everything the hot path needs from thread-local storage, in one place.
 ///
-/// `repr(C)` keeps `alloc_bytes` and `alloc_count` apart: adjacent, the compiler merges
-/// their two adds into a slower vector load, add and store.
+/// `repr(C)` keeps `alloc_left` and `alloc_count` apart: adjacent, the compiler merges
+/// their two updates into a slower vector load, add and store.
 #[repr(C)]
 pub(crate) struct ThreadState {
     /// The component allocations are attributed to (a slot).
@@ -58,8 +58,13 @@ pub(crate) struct ThreadState {
     /// (`arenas::bind_thread`); [`UNBOUND`] until its first placed allocation.
     #[cfg(feature = "jemalloc")]
     arena_shard: Cell<u8>,
-    /// This thread's cumulative totals, for span accounting.
-    pub(crate) alloc_bytes: Cell<u64>,
+    /// This thread's cumulative totals, for span accounting. The bytes allocated are
+    /// `alloc_base − alloc_left` ([`allocated_total`]): `alloc_left` counts down with every
+    /// allocation, wrapping, so that the heap profiler's countdown is the same counter (a
+    /// sample is due when it would go below zero, `sampler`) and an allocator that samples
+    /// pays one branch for it, not a second counter.
+    pub(crate) alloc_left: Cell<u64>,
+    pub(crate) alloc_base: Cell<u64>,
     pub(crate) free_bytes: Cell<u64>,
     pub(crate) alloc_count: Cell<u64>,
     /// The thread's caches of placed regions (see `bins`).
@@ -82,7 +87,8 @@ thread_local! {
             index: Cell::new(usize::MAX),
             #[cfg(feature = "jemalloc")]
             arena_shard: Cell::new(UNBOUND),
-            alloc_bytes: Cell::new(0),
+            alloc_left: Cell::new(0),
+            alloc_base: Cell::new(0),
             free_bytes: Cell::new(0),
             alloc_count: Cell::new(0),
             #[cfg(feature = "jemalloc")]
@@ -189,7 +195,9 @@ pub(crate) fn owned_shard(state: &ThreadState) -> Option<&'static Shard> {
 #[inline(always)]
 pub(crate) fn record_alloc_owned(state: &ThreadState, shard: &Shard, slot: u8, size: usize) {
     bump(&shard.allocated[usize::from(slot)], size as u64);
-    note_alloc(state, size);
+    // The fast path of an allocator that does not sample: the countdown may wrap.
+    state.alloc_left.set(state.alloc_left.get().wrapping_sub(size as u64));
+    state.alloc_count.set(state.alloc_count.get().wrapping_add(1));
 }
 
 #[cfg(feature = "jemalloc")]
@@ -200,11 +208,45 @@ pub(crate) fn record_free_owned(state: &ThreadState, shard: &Shard, slot: u8, si
     note_free(state, size);
 }
 
-/// Adds an allocation to the thread's totals for span accounting.
+/// Records an allocation in the thread's own shard whose bytes the sampler's countdown
+/// already took (`sampler::count_down`).
+#[cfg(all(feature = "jemalloc", feature = "profiling"))]
+#[inline(always)]
+pub(crate) fn record_counted_alloc_owned(state: &ThreadState, shard: &Shard, slot: u8, size: usize) {
+    bump(&shard.allocated[usize::from(slot)], size as u64);
+    state.alloc_count.set(state.alloc_count.get().wrapping_add(1));
+}
+
+/// Adds an allocation to the thread's totals for span accounting. The countdown stops at
+/// zero rather than wrap (the total moves to `alloc_base`): an allocation the sampler did
+/// not test (a `realloc`, one made while a sample is recorded) leaves a sample due at the
+/// next allocation, never a countdown of 2^64 bytes.
 #[inline(always)]
 fn note_alloc(state: &ThreadState, size: usize) {
-    state.alloc_bytes.set(state.alloc_bytes.get().wrapping_add(size as u64));
+    let (size, left) = (size as u64, state.alloc_left.get());
+    if size <= left {
+        state.alloc_left.set(left - size);
+    } else {
+        state
+            .alloc_base
+            .set(state.alloc_base.get().wrapping_sub(left).wrapping_add(size));
+        state.alloc_left.set(0);
+    }
     state.alloc_count.set(state.alloc_count.get().wrapping_add(1));
+}
+
+/// The bytes this thread has allocated since it started (wrapping).
+#[inline(always)]
+pub(crate) fn allocated_total(state: &ThreadState) -> u64 {
+    state.alloc_base.get().wrapping_sub(state.alloc_left.get())
+}
+
+/// Restarts the thread's countdown at `left` bytes, keeping its total.
+#[cfg(feature = "profiling")]
+pub(crate) fn set_countdown(state: &ThreadState, left: u64) {
+    let total = allocated_total(state);
+    state.alloc_left.set(left);
+    state.alloc_base.set(total.wrapping_add(left));
 }
 
 /// Adds a free to the thread's totals for span accounting.

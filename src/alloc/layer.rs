@@ -164,7 +164,7 @@ fn thread_totals() -> Option<Totals> {
     if counters::installed() {
         return STATE
             .try_with(|s| Totals {
-                bytes: s.alloc_bytes.get(),
+                bytes: counters::allocated_total(s),
                 count: Some(s.alloc_count.get()),
                 freed: s.free_bytes.get(),
             })

@@ -21,7 +21,7 @@ use rustc_hash::FxHashMap;
 use std::cell::{Cell, UnsafeCell};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
 
-use super::counters::ThreadState;
+use super::counters::{self, ThreadState};
 
 /// The tag bit of a sampled allocation (component slots are below 128).
 pub(crate) const SAMPLED: u8 = 0x80;
@@ -58,11 +58,10 @@ pub fn heap_sample_interval() -> u64 {
     INTERVAL.load(Relaxed)
 }
 
-/// Per-thread sampler state (part of the allocator's thread state).
+/// Per-thread sampler state (part of the allocator's thread state). The countdown itself
+/// is the thread's `alloc_left` (`counters::ThreadState`): the bytes it may still allocate
+/// before the next sample; `u64::MAX` while sampling is off.
 pub(crate) struct ThreadSampler {
-    /// The thread's `alloc_bytes` (which counts every allocation, fast or slow) at which
-    /// the next sample is due; `u64::MAX` while sampling is off.
-    pub(crate) due_at: Cell<u64>,
     epoch: Cell<u32>,
     rng: Cell<u64>,
     /// Set while the thread records a sample (or reads the table): nothing it allocates
@@ -74,10 +73,9 @@ pub(crate) struct ThreadSampler {
 
 impl ThreadSampler {
     pub(crate) const fn new() -> Self {
+        // The countdown starts at zero (`alloc_left`): the first allocation goes to the
+        // slow path, which reads the interval and draws the real countdown.
         Self {
-            // Due at once: the first allocation goes to the slow path, which reads the
-            // interval and draws the real countdown.
-            due_at: Cell::new(0),
             epoch: Cell::new(0),
             rng: Cell::new(0),
             busy: Cell::new(false),
@@ -86,10 +84,31 @@ impl ThreadSampler {
     }
 }
 
-/// Whether an allocation of `size` reaches the thread's countdown (the fast path's test).
-#[inline(always)]
+/// Whether an allocation of `size` reaches the thread's countdown: it would take more
+/// bytes than are left.
 pub(crate) fn due(state: &ThreadState, size: usize) -> bool {
-    state.alloc_bytes.get().wrapping_add(size as u64) >= state.sampler.due_at.get()
+    size as u64 > state.alloc_left.get()
+}
+
+/// The fast path's test: takes `size` bytes from the thread's countdown, and says whether
+/// that went below zero, i.e. whether the allocation is [`due`] (the caller then puts the
+/// countdown back with [`count_back`] and takes the slow path). One subtraction that the
+/// thread's totals make anyway, and a branch on its borrow.
+#[inline(always)]
+pub(crate) fn count_down(state: &ThreadState, size: usize) -> bool {
+    let (left, borrow) = state.alloc_left.get().overflowing_sub(size as u64);
+    state.alloc_left.set(left);
+    borrow
+}
+
+/// Undoes [`count_down`]. The countdown is read again, not remembered from before the
+/// subtraction: then the fast path keeps no copy of it, and its subtraction stays one
+/// instruction on memory with a branch on the borrow.
+#[inline(always)]
+pub(crate) fn count_back(state: &ThreadState, size: usize) {
+    // SAFETY: the thread's own countdown, a plain aligned u64 only this thread touches.
+    let left = unsafe { state.alloc_left.as_ptr().read_volatile() };
+    state.alloc_left.set(left.wrapping_add(size as u64));
 }
 
 /// For an allocation of `size` in a slow path: whether it is to be sampled. Redraws the
@@ -110,7 +129,7 @@ pub(crate) fn take_sample(state: &ThreadState, size: usize) -> bool {
         return false;
     }
     if INTERVAL.load(Relaxed) == 0 || FORKED.load(Relaxed) {
-        t.due_at.set(u64::MAX);
+        counters::set_countdown(state, u64::MAX);
         return false;
     }
     true
@@ -120,7 +139,7 @@ pub(crate) fn take_sample(state: &ThreadState, size: usize) -> bool {
 fn redraw(state: &ThreadState) {
     let interval = INTERVAL.load(Relaxed);
     if interval == 0 || FORKED.load(Relaxed) {
-        state.sampler.due_at.set(u64::MAX);
+        counters::set_countdown(state, u64::MAX);
         return;
     }
     let t = &state.sampler;
@@ -135,7 +154,7 @@ fn redraw(state: &ThreadState) {
     t.rng.set(x);
     let unit = ((x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
     let next = ((-unit.ln() * interval as f64).min(1e18) as u64).max(1);
-    t.due_at.set(state.alloc_bytes.get().saturating_add(next));
+    counters::set_countdown(state, next);
 }
 
 fn nanos() -> u64 {
