@@ -238,3 +238,46 @@ fn the_profilers_own_memory_is_outside_the_sampled_component() {
         "the component kept bytes after freeing all of its {held_bytes}"
     );
 }
+
+/// Grows one buffer by doubling to `bytes`: reallocations, which the sampler does not test.
+#[inline(never)]
+fn grow_one_buffer(bytes: usize) -> Vec<u8> {
+    let mut buffer = vec![0u8; 1];
+    while buffer.len() < bytes {
+        buffer.resize(buffer.len() * 2, 1);
+    }
+    black_box(buffer)
+}
+
+#[inline(never)]
+fn allocate_after_the_growth(sizes: &[usize]) -> Vec<Vec<u8>> {
+    black_box(sizes.iter().map(|&n| black_box(vec![5u8; n])).collect())
+}
+
+#[test]
+fn sampling_goes_on_after_reallocations_pass_the_countdown() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    memtel::alloc::set_heap_sample_interval(64 << 10);
+    // A thread of its own: its countdown starts with this interval. The growth's
+    // reallocations pass it many times over (128 MiB against 64 KiB); the next allocations
+    // must still be sampled, at the same rate.
+    const AFTER: usize = 16 << 20;
+    let (profile, held) = std::thread::spawn(|| {
+        let grown = memtel::component("grown").in_scope(|| grow_one_buffer(64 << 20));
+        let held = allocate_after_the_growth(&sizes(AFTER, 29));
+        let profile = memtel::profile::heap_profile();
+        drop(grown);
+        (profile, held)
+    })
+    .join()
+    .expect("the growing thread");
+    memtel::alloc::set_heap_sample_interval(0);
+    let (inuse, _, _) = through(&profile, "allocate_after_the_growth");
+    assert!(
+        (inuse / AFTER as f64 - 1.0).abs() <= 0.25,
+        "{:.1} MiB of {} MiB allocated after the growth in use in the profile",
+        inuse / MIB,
+        AFTER >> 20
+    );
+    drop(held);
+}
