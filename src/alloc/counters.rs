@@ -60,9 +60,10 @@ pub(crate) struct ThreadState {
     arena_shard: Cell<u8>,
     /// This thread's cumulative totals, for span accounting. The bytes allocated are
     /// `alloc_base − alloc_left` ([`allocated_total`]): `alloc_left` counts down with every
-    /// allocation, wrapping, so that the heap profiler's countdown is the same counter (a
-    /// sample is due when it would go below zero, `sampler`) and an allocator that samples
-    /// pays one branch for it, not a second counter.
+    /// allocation, so that the heap profiler's countdown is the same counter (a sample is
+    /// due when it would go below zero, `sampler`) and an allocator that samples pays one
+    /// branch for it, not a second counter. (An allocator that does not sample lets it
+    /// wrap on its fast path; the slow paths stop it at zero, `note_alloc`.)
     pub(crate) alloc_left: Cell<u64>,
     pub(crate) alloc_base: Cell<u64>,
     pub(crate) free_bytes: Cell<u64>,
@@ -70,7 +71,7 @@ pub(crate) struct ThreadState {
     /// The thread's caches of placed regions (see `bins`).
     #[cfg(feature = "jemalloc")]
     pub(crate) placement: super::bins::ThreadBins,
-    /// The heap profiler's countdown (see `sampler`).
+    /// The heap profiler's per-thread state (see `sampler`).
     #[cfg(feature = "profiling")]
     pub(crate) sampler: super::sampler::ThreadSampler,
 }
