@@ -78,7 +78,7 @@ pub(crate) const BUDGET: usize = 512 << 10;
 /// and left idle threads holding more. Up to 128 regions of the smallest classes, not 64: a
 /// DOM-heavy workload's bursts refilled half as often (1.040× bare jemalloc's instructions,
 /// against 1.058×). Up to 256 of the 8, 16 and 32-byte classes (a DOM's short strings and
-/// small nodes): that workload's CPU time went from 1.06–1.08× bare jemalloc's to 1.01×;
+/// small nodes): that workload's CPU time went from 1.06–1.08× bare jemalloc's to 1.01–1.04×;
 /// 256 for every class up to 64 bytes did as well on it but left 8 idle threads × 64
 /// components at bare + 16–17 MiB, against bare + 5–9 MiB.
 const CAP_BYTES: usize = 16 << 10;
@@ -455,13 +455,13 @@ pub(crate) fn push_or_pass(state: &ThreadState, slot: u8, class: usize) -> Freed
 }
 
 /// Pushes a region of `class` of `slot` onto the thread's list, which [`push_or_pass`]
-/// found room in, or which [`pop`] just took `region` from.
+/// found room in.
 #[inline(always)]
 pub(crate) unsafe fn push_unchecked(state: &ThreadState, slot: u8, class: usize, region: *mut u8) {
     let t = &state.placement;
     // SAFETY: as in `pop`.
     let bin = unsafe { bins(t, slot).bins.get_unchecked(class) };
-    // SAFETY: `push_or_pass` found the stack below its limit, or `pop` just took from it.
+    // SAFETY: `push_or_pass` found the stack below its limit.
     unsafe { bin.put(region) };
 }
 

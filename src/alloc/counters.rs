@@ -237,6 +237,7 @@ fn note_alloc(state: &ThreadState, size: usize) {
 }
 
 /// The bytes this thread has allocated since it started (wrapping).
+#[cfg(any(feature = "tracing", feature = "profiling"))]
 #[inline(always)]
 pub(crate) fn allocated_total(state: &ThreadState) -> u64 {
     state.alloc_base.get().wrapping_sub(state.alloc_left.get())

@@ -94,6 +94,7 @@ pub(crate) fn due(state: &ThreadState, size: usize) -> bool {
 /// that went below zero, i.e. whether the allocation is [`due`] (the caller then puts the
 /// countdown back with [`count_back`] and takes the slow path). One subtraction that the
 /// thread's totals make anyway, and a branch on its borrow.
+#[cfg(feature = "jemalloc")]
 #[inline(always)]
 pub(crate) fn count_down(state: &ThreadState, size: usize) -> bool {
     let (left, borrow) = state.alloc_left.get().overflowing_sub(size as u64);
@@ -104,6 +105,7 @@ pub(crate) fn count_down(state: &ThreadState, size: usize) -> bool {
 /// Undoes [`count_down`]. The countdown is read again, not remembered from before the
 /// subtraction: then the fast path keeps no copy of it, and its subtraction stays one
 /// instruction on memory with a branch on the borrow.
+#[cfg(feature = "jemalloc")]
 #[inline(always)]
 pub(crate) fn count_back(state: &ThreadState, size: usize) {
     // SAFETY: the thread's own countdown, a plain aligned u64 only this thread touches.
