@@ -73,6 +73,18 @@ fn through(profile: &memtel::profile::HeapProfile, function: &str) -> (f64, f64,
     (inuse, alloc, components)
 }
 
+/// Asserts that the profile's `estimate` of `what` is within `tolerance` (a fraction) of the
+/// `truth` in bytes.
+fn assert_near(estimate: f64, truth: usize, tolerance: f64, what: &str) {
+    assert!(
+        (estimate / truth as f64 - 1.0).abs() <= tolerance,
+        "{what}: {:.1} MiB in the profile, {:.1} MiB true (tolerance {:.0} %)",
+        estimate / MIB,
+        truth as f64 / MIB,
+        tolerance * 100.0
+    );
+}
+
 #[test]
 fn profiles_attribute_known_bytes_to_their_functions_and_components() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -86,18 +98,8 @@ fn profiles_attribute_known_bytes_to_their_functions_and_components() {
     let profile = memtel::profile::heap_profile();
     let (cache_inuse, _, cache_components) = through(&profile, "fill_the_cache_component");
     let (api_inuse, _, api_components) = through(&profile, "buffer_api_requests");
-    assert!(
-        (cache_inuse / CACHE_BYTES as f64 - 1.0).abs() <= 0.15,
-        "cache function: {:.1} MiB in use in the profile, {} MiB held",
-        cache_inuse / MIB,
-        CACHE_BYTES >> 20
-    );
-    assert!(
-        (api_inuse / API_BYTES as f64 - 1.0).abs() <= 0.15,
-        "api function: {:.1} MiB in use in the profile, {} MiB held",
-        api_inuse / MIB,
-        API_BYTES >> 20
-    );
+    assert_near(cache_inuse, CACHE_BYTES, 0.15, "the cache function's bytes in use");
+    assert_near(api_inuse, API_BYTES, 0.15, "the api function's bytes in use");
     println!(
         "in-use by function at a 64 KiB interval: cache {:.2} MiB of {} ({:+.1} %), api {:.2} MiB of {} ({:+.1} %)",
         cache_inuse / MIB,
@@ -148,11 +150,7 @@ fn profiles_attribute_known_bytes_to_their_functions_and_components() {
         "{:.1} MiB still in use",
         cache_inuse / MIB
     );
-    assert!(
-        (cache_alloc / CACHE_BYTES as f64 - 1.0).abs() <= 0.15,
-        "cumulative {:.1} MiB",
-        cache_alloc / MIB
-    );
+    assert_near(cache_alloc, CACHE_BYTES, 0.15, "the cache function's cumulative bytes");
 
     // A delta holds only what was allocated in between.
     let before = memtel::profile::heap_profile();
@@ -160,11 +158,7 @@ fn profiles_attribute_known_bytes_to_their_functions_and_components() {
     let delta = memtel::profile::heap_profile().since(&before);
     let (_, delta_api, _) = through(&delta, "buffer_api_requests");
     let (_, delta_cache, _) = through(&delta, "fill_the_cache_component");
-    assert!(
-        (delta_api / (8 << 20) as f64 - 1.0).abs() <= 0.25,
-        "delta {:.1} MiB",
-        delta_api / MIB
-    );
+    assert_near(delta_api, 8 << 20, 0.25, "the api function's bytes in the delta");
     assert_eq!(delta_cache, 0.0);
     drop((held_api, more));
     memtel::alloc::set_heap_sample_interval(0);
@@ -273,11 +267,6 @@ fn sampling_goes_on_after_reallocations_pass_the_countdown() {
     .expect("the growing thread");
     memtel::alloc::set_heap_sample_interval(0);
     let (inuse, _, _) = through(&profile, "allocate_after_the_growth");
-    assert!(
-        (inuse / AFTER as f64 - 1.0).abs() <= 0.25,
-        "{:.1} MiB of {} MiB allocated after the growth in use in the profile",
-        inuse / MIB,
-        AFTER >> 20
-    );
+    assert_near(inuse, AFTER, 0.25, "the bytes allocated after the growth, in use");
     drop(held);
 }

@@ -358,13 +358,7 @@ impl<A: GlobalAlloc + 'static> TrackingAllocator<A> {
                 // only the subtraction to undo (putting a popped region back made this path
                 // too big to inline again: 1.44× the instructions of `new()`'s, against
                 // 1.0067×).
-                let ptr = bins::pop_unless(s, slot, class, || {
-                    let due = sampler::count_down(s, size);
-                    if due {
-                        sampler::count_back(s, size);
-                    }
-                    due
-                });
+                let ptr = bins::pop_unless(s, slot, class, || sampler::count_down_unless_due(s, size));
                 if !ptr.is_null() {
                     counters::record_counted_alloc_owned(s, shard, slot, size);
                 }

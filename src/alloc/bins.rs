@@ -373,11 +373,18 @@ fn class_size(class: usize) -> usize {
 /// A free region of `class` for `slot` if the thread's list has one (no refill).
 #[inline(always)]
 pub(crate) unsafe fn pop(state: &ThreadState, slot: u8, class: usize) -> *mut u8 {
+    pop_unless(state, slot, class, || false)
+}
+
+/// [`pop`], unless `refuse` (called only when the list has a region) says not to: then
+/// null, and the list is untouched.
+#[inline(always)]
+pub(crate) unsafe fn pop_unless(state: &ThreadState, slot: u8, class: usize, refuse: impl FnOnce() -> bool) -> *mut u8 {
     let t = &state.placement;
     // SAFETY: class indices come from `classes`, below CLASSES.
     let bin = unsafe { bins(t, slot).bins.get_unchecked(class) };
     let top = bin.top.get();
-    if Bin::low(top) == bin.bottom.get() {
+    if Bin::low(top) == bin.bottom.get() || refuse() {
         return std::ptr::null_mut();
     }
     // SAFETY: below `top` and above the stack's bottom are the list's regions.
@@ -385,26 +392,6 @@ pub(crate) unsafe fn pop(state: &ThreadState, slot: u8, class: usize) -> *mut u8
         let top = top.sub(1);
         bin.top.set(top);
         // Regions are never null, which the caller's test then knows.
-        top.read().as_ptr()
-    }
-}
-
-/// [`pop`], unless `refuse` (called only when the list has a region) says not to: then
-/// null, and the list is untouched.
-#[cfg(feature = "profiling")]
-#[inline(always)]
-pub(crate) unsafe fn pop_unless(state: &ThreadState, slot: u8, class: usize, refuse: impl FnOnce() -> bool) -> *mut u8 {
-    let t = &state.placement;
-    // SAFETY: as in `pop`.
-    let bin = unsafe { bins(t, slot).bins.get_unchecked(class) };
-    let top = bin.top.get();
-    if Bin::low(top) == bin.bottom.get() || refuse() {
-        return std::ptr::null_mut();
-    }
-    // SAFETY: as in `pop`.
-    unsafe {
-        let top = top.sub(1);
-        bin.top.set(top);
         top.read().as_ptr()
     }
 }

@@ -195,10 +195,9 @@ pub(crate) fn owned_shard(state: &ThreadState) -> Option<&'static Shard> {
 /// Records an allocation in the thread's own shard (see [`owned_shard`]).
 #[inline(always)]
 pub(crate) fn record_alloc_owned(state: &ThreadState, shard: &Shard, slot: u8, size: usize) {
-    bump(&shard.allocated[usize::from(slot)], size as u64);
     // The fast path of an allocator that does not sample: the countdown may wrap.
     state.alloc_left.set(state.alloc_left.get().wrapping_sub(size as u64));
-    state.alloc_count.set(state.alloc_count.get().wrapping_add(1));
+    record_counted_alloc_owned(state, shard, slot, size);
 }
 
 #[cfg(feature = "jemalloc")]
@@ -210,8 +209,8 @@ pub(crate) fn record_free_owned(state: &ThreadState, shard: &Shard, slot: u8, si
 }
 
 /// Records an allocation in the thread's own shard whose bytes the sampler's countdown
-/// already took (`sampler::count_down`).
-#[cfg(all(feature = "jemalloc", feature = "profiling"))]
+/// already took (`sampler::count_down_unless_due`).
+#[cfg(feature = "jemalloc")]
 #[inline(always)]
 pub(crate) fn record_counted_alloc_owned(state: &ThreadState, shard: &Shard, slot: u8, size: usize) {
     bump(&shard.allocated[usize::from(slot)], size as u64);

@@ -90,27 +90,23 @@ pub(crate) fn due(state: &ThreadState, size: usize) -> bool {
     size as u64 > state.alloc_left.get()
 }
 
-/// The fast path's test: takes `size` bytes from the thread's countdown, and says whether
-/// that went below zero, i.e. whether the allocation is [`due`] (the caller then puts the
-/// countdown back with [`count_back`] and takes the slow path). One subtraction that the
-/// thread's totals make anyway, and a branch on its borrow.
+/// The fast path's test: takes `size` bytes from the thread's countdown unless that would
+/// go below zero, i.e. unless the allocation is [`due`] (true: the countdown is left as it
+/// was, and the caller takes the slow path). One subtraction that the thread's totals make
+/// anyway, and a branch on its borrow: the rare undo reads the countdown again rather than
+/// keep a copy from before the subtraction, so the subtraction stays one instruction on
+/// memory.
 #[cfg(feature = "jemalloc")]
 #[inline(always)]
-pub(crate) fn count_down(state: &ThreadState, size: usize) -> bool {
+pub(crate) fn count_down_unless_due(state: &ThreadState, size: usize) -> bool {
     let (left, borrow) = state.alloc_left.get().overflowing_sub(size as u64);
     state.alloc_left.set(left);
+    if borrow {
+        // SAFETY: the thread's own countdown, a plain aligned u64 only this thread touches.
+        let left = unsafe { state.alloc_left.as_ptr().read_volatile() };
+        state.alloc_left.set(left.wrapping_add(size as u64));
+    }
     borrow
-}
-
-/// Undoes [`count_down`]. The countdown is read again, not remembered from before the
-/// subtraction: then the fast path keeps no copy of it, and its subtraction stays one
-/// instruction on memory with a branch on the borrow.
-#[cfg(feature = "jemalloc")]
-#[inline(always)]
-pub(crate) fn count_back(state: &ThreadState, size: usize) {
-    // SAFETY: the thread's own countdown, a plain aligned u64 only this thread touches.
-    let left = unsafe { state.alloc_left.as_ptr().read_volatile() };
-    state.alloc_left.set(left.wrapping_add(size as u64));
 }
 
 /// For an allocation of `size` in a slow path: whether it is to be sampled. Redraws the
