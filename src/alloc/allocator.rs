@@ -6,6 +6,8 @@ use std::alloc::{GlobalAlloc, Layout};
 use super::counters;
 #[cfg(feature = "profiling")]
 use super::sampler;
+#[cfg(all(feature = "jemalloc", feature = "profiling"))]
+use super::spares;
 #[cfg(feature = "jemalloc")]
 use super::{arenas, bins, classes};
 
@@ -254,14 +256,23 @@ impl<A: GlobalAlloc + 'static> TrackingAllocator<A> {
             return std::ptr::null_mut();
         };
         #[cfg(feature = "jemalloc")]
-        let small =
-            places_in_arenas::<A>() && self.placement && classes::placed_class(tagged.size(), tagged.align()).is_some();
+        let small = if places_in_arenas::<A>() && self.placement {
+            classes::placed_class(tagged.size(), tagged.align())
+        } else {
+            None
+        };
         #[cfg(not(feature = "jemalloc"))]
-        let small = false;
-        let ptr = if small {
+        let small: Option<usize> = None;
+        let ptr = if let Some(_class) = small {
             #[cfg(feature = "jemalloc")]
-            {
-                small_tagged(tagged, zeroed)
+            match spares::take(_class) {
+                Some(spare) => {
+                    if zeroed {
+                        spare.write_bytes(0, tagged.size());
+                    }
+                    spare
+                }
+                None => small_tagged(tagged, zeroed),
             }
             #[cfg(not(feature = "jemalloc"))]
             {
@@ -460,7 +471,34 @@ impl<A: GlobalAlloc + 'static> TrackingAllocator<A> {
 
     #[inline(never)]
     unsafe fn dealloc_tagged_outlined(&self, ptr: *mut u8, layout: Layout) {
+        #[cfg(feature = "profiling")]
+        if self.sampled(ptr.add(layout.size()).read()) {
+            return self.dealloc_sampled(ptr, layout);
+        }
         self.dealloc_tagged(ptr, layout)
+    }
+
+    /// Frees a sampled allocation when allocations may be placed: a small one's region is
+    /// kept as the thread's spare for its next sample of that class if it has none
+    /// (`spares`).
+    #[cfg(feature = "profiling")]
+    #[cold]
+    #[inline(never)]
+    unsafe fn dealloc_sampled(&self, ptr: *mut u8, layout: Layout) {
+        let tag = ptr.add(layout.size()).read();
+        let Some(class) = classes::placed_class(layout.size() + 1, layout.align()) else {
+            return self.dealloc_tagged(ptr, layout);
+        };
+        sampler::forget(ptr);
+        let slot = self.owner(tag);
+        counters::on_free(slot, layout.size());
+        if !spares::keep(class, ptr) {
+            // The tagged layout was valid when this allocation was made.
+            self.inner.dealloc(
+                ptr,
+                Layout::from_size_align_unchecked(layout.size() + 1, layout.align()),
+            );
+        }
     }
 
     /// `realloc` when allocations may be placed: a small new size moves the allocation

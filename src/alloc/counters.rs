@@ -111,6 +111,8 @@ impl Drop for Release {
     fn drop(&mut self) {
         STATE.with(|s| {
             // Its lists first: they go back to jemalloc while the thread still owns its shard.
+            #[cfg(all(feature = "jemalloc", feature = "profiling"))]
+            super::spares::release_thread();
             #[cfg(feature = "jemalloc")]
             super::bins::release_thread(&s.placement);
             #[cfg(feature = "jemalloc")]

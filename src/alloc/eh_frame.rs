@@ -108,7 +108,10 @@ pub(crate) fn unwind(top: usize, frames: &mut [usize]) -> Option<usize> {
         }
     };
     with_modules(|m| {
-        if let Some(depth) = m.memo.recall(sp, bp, frames, read_stack) {
+        // SAFETY: the memo reads only 8-byte words within [bottom, top), this thread's
+        // live stack.
+        let read_within = |addr: u64| unsafe { std::ptr::read_volatile(addr as *const u64) };
+        if let Some(depth) = m.memo.recall(sp, bp, frames, (bottom, top), read_within) {
             #[cfg(test)]
             tests::RECALLS.fetch_add(1, Relaxed);
             return Some(depth);

@@ -53,6 +53,8 @@ pub(crate) mod sampler;
 #[cfg(feature = "jemalloc")]
 mod scheme;
 mod scope;
+#[cfg(all(feature = "jemalloc", feature = "profiling"))]
+mod spares;
 #[cfg(feature = "profiling")]
 mod unwind;
 #[cfg(all(feature = "profiling", target_arch = "x86_64"))]
@@ -104,8 +106,9 @@ pub(crate) fn component_arena_names() -> Vec<(u32, &'static str)> {
 /// Each thread's lists hold at most 512 KiB, whatever the number of components. The
 /// figure is each thread's as it last counted them (every 16 refills or returns to
 /// jemalloc, and at exit), so it is within 512 KiB per thread of the bytes held at this
-/// instant. The allocations are
-/// counted by jemalloc as allocated (`jemalloc.allocated_mb`) and by no component.
+/// instant. With heap profiling, each thread also keeps the last freed sampled allocation
+/// of each size class up to 4 KiB for its next sample, at most 26 KiB (counted here at once).
+/// The allocations are counted by jemalloc as allocated (`jemalloc.allocated_mb`) and by no component.
 ///
 /// ```
 /// #[global_allocator]
@@ -117,7 +120,9 @@ pub(crate) fn component_arena_names() -> Vec<(u32, &'static str)> {
 /// assert!(memtel::alloc::cached_bytes() <= 512 << 10);
 /// ```
 pub fn cached_bytes() -> u64 {
-    #[cfg(feature = "jemalloc")]
+    #[cfg(all(feature = "jemalloc", feature = "profiling"))]
+    return (bins::cached_bytes() + spares::kept_bytes()) as u64;
+    #[cfg(all(feature = "jemalloc", not(feature = "profiling")))]
     return bins::cached_bytes() as u64;
     #[cfg(not(feature = "jemalloc"))]
     0

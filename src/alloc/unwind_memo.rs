@@ -42,6 +42,10 @@ struct Entry {
     reads: u16,
     /// Whether the unwind stopped at the capacity it was given rather than the stack's end.
     cut: bool,
+    /// The lowest address its compared reads read, and the end of the highest word: a
+    /// recall checks that they lie in the stack once, not at each read.
+    lo: u64,
+    hi: u64,
     log: [(u64, u64); READS],
     frames: [usize; DEPTH],
 }
@@ -67,6 +71,8 @@ impl Memo {
                     depth: 0,
                     reads: 0,
                     cut: false,
+                    lo: 0,
+                    hi: 0,
                     log: [(0, 0); READS],
                     frames: [0; DEPTH],
                 })
@@ -84,13 +90,16 @@ impl Memo {
     }
 
     /// Copies into `frames` the stack remembered for an unwind from `sp` and `bp` whose
-    /// every read still reads the same through `read`; how many frames, or `None`.
+    /// every read still reads the same through `read`; how many frames, or `None`. `read`
+    /// is called only for addresses of 8-byte words within `stack` (start, end): checked
+    /// once per entry, so that comparing a read is a load and a compare.
     pub(crate) fn recall(
         &mut self,
         sp: u64,
         bp: u64,
         frames: &mut [usize],
-        mut read: impl FnMut(u64) -> Result<u64, ()>,
+        stack: (u64, u64),
+        mut read: impl FnMut(u64) -> u64,
     ) -> Option<usize> {
         for i in 0..ENTRIES {
             if self.sps[i] != sp {
@@ -102,10 +111,9 @@ impl Memo {
             if !bp_matches || depth > frames.len() || (e.cut && depth < frames.len()) {
                 continue;
             }
-            if e.log[..usize::from(e.reads)]
-                .iter()
-                .all(|&(addr, value)| read(addr) == Ok(value))
-            {
+            let log = &e.log[..usize::from(e.reads)];
+            let within = log.is_empty() || (e.lo >= stack.0 && e.hi <= stack.1);
+            if within && log.iter().all(|&(addr, value)| read(addr) == value) {
                 frames[..depth].copy_from_slice(&e.frames[..depth]);
                 self.touch(i);
                 return Some(depth);
@@ -184,14 +192,19 @@ impl Recording<'_> {
             return;
         }
         let e = self.entry;
-        let mut kept = 0;
+        let (mut kept, mut lo, mut hi) = (0, u64::MAX, 0);
         for i in 0..usize::from(e.reads) {
             if compared >> i & 1 == 1 {
+                let (addr, _) = e.log[i];
+                if !addr.is_multiple_of(8) || addr > u64::MAX - 8 {
+                    return;
+                }
+                (lo, hi) = (lo.min(addr), hi.max(addr + 8));
                 e.log[kept] = e.log[i];
                 kept += 1;
             }
         }
-        e.reads = kept as u16;
+        (e.reads, e.lo, e.hi) = (kept as u16, lo, hi);
         e.frames[..frames.len()].copy_from_slice(frames);
         e.depth = frames.len() as u16;
         e.cut = cut;
@@ -204,9 +217,14 @@ impl Recording<'_> {
 mod tests {
     use super::*;
 
-    /// A stack of words at addresses 0x1000 + 8i.
-    fn reader(words: &[u64]) -> impl FnMut(u64) -> Result<u64, ()> + '_ {
-        move |addr| words.get(((addr - 0x1000) / 8) as usize).copied().ok_or(())
+    /// A stack of words at addresses 0x1000 + 8i: its bounds, and a reader that fails
+    /// the test when called outside them.
+    fn stack(words: &[u64]) -> (u64, u64) {
+        (0x1000, 0x1000 + 8 * words.len() as u64)
+    }
+
+    fn reader(words: &[u64]) -> impl FnMut(u64) -> u64 + '_ {
+        move |addr| words[((addr - 0x1000) / 8) as usize]
     }
 
     #[test]
@@ -218,17 +236,50 @@ mod tests {
         r.read(0x1018, 40);
         r.keep(0x1000, NO_FRAME_POINTER, &[7, 8, 9], false, u128::MAX);
         let mut frames = [0usize; DEPTH];
-        assert_eq!(memo.recall(0x1000, 0x77, &mut frames, reader(&words)), Some(3));
+        assert_eq!(
+            memo.recall(0x1000, 0x77, &mut frames, stack(&words), reader(&words)),
+            Some(3)
+        );
         assert_eq!(frames[..3], [7, 8, 9]);
         // Another stack pointer, or a word it read changed: not recalled.
-        assert_eq!(memo.recall(0x1010, 0x77, &mut frames, reader(&words)), None);
+        assert_eq!(
+            memo.recall(0x1010, 0x77, &mut frames, stack(&words), reader(&words)),
+            None
+        );
         words[3] = 41;
-        assert_eq!(memo.recall(0x1000, 0x77, &mut frames, reader(&words)), None);
+        assert_eq!(
+            memo.recall(0x1000, 0x77, &mut frames, stack(&words), reader(&words)),
+            None
+        );
         // Any frame-pointer register, as the unwind did not use it; a word it did not
         // read may change.
         words[3] = 40;
         words[0] = 11;
-        assert_eq!(memo.recall(0x1000, 0x77, &mut frames, reader(&words)), Some(3));
+        assert_eq!(
+            memo.recall(0x1000, 0x77, &mut frames, stack(&words), reader(&words)),
+            Some(3)
+        );
+    }
+
+    #[test]
+    fn a_stack_whose_reads_lie_beyond_the_stack_is_not_recalled_and_not_read() {
+        let mut memo = Memo::new();
+        let mut r = memo.record();
+        r.read(0x1008, 20);
+        r.read(0x1018, 40);
+        r.keep(0x1000, NO_FRAME_POINTER, &[7, 8, 9], false, u128::MAX);
+        let mut frames = [0usize; DEPTH];
+        // The stack now ends at 0x1010: the reader would panic beyond it.
+        let words = [10, 20];
+        assert_eq!(memo.recall(0x1000, 0, &mut frames, stack(&words), reader(&words)), None);
+        // Starting above the lowest read: not recalled either.
+        let words = [10, 20, 30, 40];
+        let above = (0x1010, 0x1020);
+        assert_eq!(memo.recall(0x1000, 0, &mut frames, above, reader(&words)), None);
+        assert_eq!(
+            memo.recall(0x1000, 0, &mut frames, stack(&words), reader(&words)),
+            Some(3)
+        );
     }
 
     #[test]
@@ -246,9 +297,12 @@ mod tests {
         r.keep(0x1000, NO_FRAME_POINTER, &[7, 20, 40], false, 0b110);
         let mut frames = [0usize; DEPTH];
         words[0] = 99;
-        assert_eq!(memo.recall(0x1000, 0, &mut frames, reader(&words)), Some(3));
+        assert_eq!(
+            memo.recall(0x1000, 0, &mut frames, stack(&words), reader(&words)),
+            Some(3)
+        );
         words[1] = 21;
-        assert_eq!(memo.recall(0x1000, 0, &mut frames, reader(&words)), None);
+        assert_eq!(memo.recall(0x1000, 0, &mut frames, stack(&words), reader(&words)), None);
     }
 
     #[test]
@@ -256,8 +310,14 @@ mod tests {
         let mut memo = Memo::new();
         let words = [0u64; 1];
         memo.record().keep(0x1000, 0x1040, &[5], false, u128::MAX);
-        assert_eq!(memo.recall(0x1000, 0x1048, &mut [0; 8], reader(&words)), None);
-        assert_eq!(memo.recall(0x1000, 0x1040, &mut [0; 8], reader(&words)), Some(1));
+        assert_eq!(
+            memo.recall(0x1000, 0x1048, &mut [0; 8], stack(&words), reader(&words)),
+            None
+        );
+        assert_eq!(
+            memo.recall(0x1000, 0x1040, &mut [0; 8], stack(&words), reader(&words)),
+            Some(1)
+        );
     }
 
     #[test]
@@ -265,14 +325,17 @@ mod tests {
         let mut memo = Memo::new();
         let words = [1u64; 4];
         memo.record().keep(0x1000, NO_FRAME_POINTER, &[1, 2], true, u128::MAX);
-        assert_eq!(memo.recall(0x1000, 0, &mut [0; 2], reader(&words)), Some(2));
-        assert_eq!(memo.recall(0x1000, 0, &mut [0; 8], reader(&words)), None);
+        assert_eq!(
+            memo.recall(0x1000, 0, &mut [0; 2], stack(&words), reader(&words)),
+            Some(2)
+        );
+        assert_eq!(memo.recall(0x1000, 0, &mut [0; 8], stack(&words), reader(&words)), None);
         let mut r = memo.record();
         for i in 0..=READS as u64 {
             r.read(0x1000, i);
         }
         r.keep(0x2000, NO_FRAME_POINTER, &[1], false, u128::MAX);
-        assert_eq!(memo.recall(0x2000, 0, &mut [0; 8], reader(&words)), None);
+        assert_eq!(memo.recall(0x2000, 0, &mut [0; 8], stack(&words), reader(&words)), None);
     }
 
     #[test]
@@ -289,7 +352,11 @@ mod tests {
         let mut frames = [0usize; DEPTH];
         for path in 0..ENTRIES as u64 {
             words[0] = 100 + path;
-            assert_eq!(memo.recall(sp, 0, &mut frames, reader(&words)), Some(1), "path {path}");
+            assert_eq!(
+                memo.recall(sp, 0, &mut frames, stack(&words), reader(&words)),
+                Some(1),
+                "path {path}"
+            );
             assert_eq!(frames[0], path as usize);
         }
         // Path 0 was recalled longest ago: a new path replaces it and only it.
@@ -297,15 +364,19 @@ mod tests {
         r.read(0x1000, 999);
         r.keep(sp, NO_FRAME_POINTER, &[999], false, u128::MAX);
         words[0] = 100;
-        assert_eq!(memo.recall(sp, 0, &mut frames, reader(&words)), None);
+        assert_eq!(memo.recall(sp, 0, &mut frames, stack(&words), reader(&words)), None);
         for path in 1..ENTRIES as u64 {
             words[0] = 100 + path;
-            assert_eq!(memo.recall(sp, 0, &mut frames, reader(&words)), Some(1), "path {path}");
+            assert_eq!(
+                memo.recall(sp, 0, &mut frames, stack(&words), reader(&words)),
+                Some(1),
+                "path {path}"
+            );
         }
         words[0] = 999;
-        assert_eq!(memo.recall(sp, 0, &mut frames, reader(&words)), Some(1));
+        assert_eq!(memo.recall(sp, 0, &mut frames, stack(&words), reader(&words)), Some(1));
         assert_eq!(frames[0], 999);
         // A stack pointer never seen: nothing.
-        assert_eq!(memo.recall(0x2000, 0, &mut frames, reader(&words)), None);
+        assert_eq!(memo.recall(0x2000, 0, &mut frames, stack(&words), reader(&words)), None);
     }
 }
