@@ -4,14 +4,17 @@
 # Each round is one process of the `alloc_profiled` bench running both variants of each
 # workload (off, then 512 KiB), so the ratio is taken within one address-space layout:
 # across processes the same variant moves by more than the effect measured (load addresses
-# shift the unwinder's and jemalloc's cache behaviour). Prints each round's ratio and the
-# median over rounds. Measures the process's CPU time (ALLOC_BENCH_CLOCK=wall for elapsed).
+# shift the unwinder's and jemalloc's cache behaviour). The variant measured second runs on
+# the heap and caches the first left behind, so rounds alternate which goes first (odd
+# rounds sampling off first, even rounds 512 KiB first: PROFILED_BENCH_REVERSE). Prints
+# each round's ratio and order, and the median over rounds. Measures the process's CPU
+# time (ALLOC_BENCH_CLOCK=wall for elapsed).
 #
-#   scripts/profiled-bench.sh [rounds, default 7] [workloads, default "churn realistic dom"]
+#   scripts/profiled-bench.sh [rounds, default 8] [workloads, default "churn realistic dom"]
 #   RUSTFLAGS="-C force-frame-pointers=yes" CARGO_TARGET_DIR=target-fp scripts/profiled-bench.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rounds=${1:-7}
+rounds=${1:-8}
 workloads=${2:-churn realistic dom}
 crit_dir=${CRITERION_HOME:-${CARGO_TARGET_DIR:-target}/criterion}
 export CRITERION_HOME=$crit_dir
@@ -27,6 +30,8 @@ for line in sys.stdin:
 for workload in $workloads; do
   ratios=()
   for round in $(seq "$rounds"); do
+    if ((round % 2 == 0)); then order="512 KiB first"; export PROFILED_BENCH_REVERSE=1
+    else order="off first"; unset PROFILED_BENCH_REVERSE; fi
     "$bin" --bench "^alloc/$workload/(profiled_off|profiled_512k)\$" >/dev/null 2>&1
     ratio=$(python3 - "$crit_dir" "$workload" <<'PY'
 import json, sys
@@ -35,7 +40,7 @@ m = lambda f: json.load(open(f"{d}/{f}/new/estimates.json"))["median"]["point_es
 print(f"{m('profiled_512k') / m('profiled_off'):.4f}")
 PY
 )
-    echo "alloc/$workload round $round: 512 KiB ÷ off $ratio"
+    echo "alloc/$workload round $round ($order): 512 KiB ÷ off $ratio"
     ratios+=("$ratio")
   done
   python3 -c 'import sys, statistics

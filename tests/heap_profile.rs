@@ -270,3 +270,42 @@ fn sampling_goes_on_after_reallocations_pass_the_countdown() {
     assert_near(inuse, AFTER, 0.25, "the bytes allocated after the growth, in use");
     drop(held);
 }
+
+#[test]
+fn a_freed_samples_region_serves_the_threads_next_sample_of_its_class_zeroed_when_asked() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    // Every allocation is sampled (a mean of one byte between samples).
+    memtel::alloc::set_heap_sample_interval(1);
+    let component = memtel::component("spare_regions");
+    let start = component.live_bytes();
+    let reused = std::thread::spawn(move || {
+        component.in_scope(|| {
+            [24usize, 100, 1000, 4000]
+                .iter()
+                .map(|&size| {
+                    let written = black_box(vec![0xABu8; size]);
+                    let first = written.as_ptr() as usize;
+                    drop(written);
+                    // `vec![0; n]` asks for zeroed memory: the spare held 0xAB bytes.
+                    let zeroed = black_box(vec![0u8; size]);
+                    assert!(zeroed.iter().all(|&b| b == 0), "{size} B: not zeroed");
+                    (size, zeroed.as_ptr() as usize == first)
+                })
+                .collect::<Vec<_>>()
+        })
+    })
+    .join()
+    .expect("the sampling thread");
+    memtel::alloc::set_heap_sample_interval(0);
+    for (size, same) in reused {
+        assert!(
+            same,
+            "{size} B: the next sample of the class did not get the freed region"
+        );
+    }
+    assert_eq!(
+        component.live_bytes(),
+        start,
+        "a kept region still counted in its component"
+    );
+}

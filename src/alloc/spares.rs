@@ -87,6 +87,11 @@ pub(crate) fn take(class: usize) -> Option<*mut u8> {
 /// # Safety
 /// `region` is a region of `class` from an automatic arena that nothing uses any more.
 pub(crate) unsafe fn keep(class: usize, region: *mut u8) -> bool {
+    // Only a thread whose exit gives its spares back keeps any (one that has only ever
+    // freed has not registered that yet: this does).
+    if !super::counters::thread_teardown_registered() {
+        return false;
+    }
     let kept = SPARES.with(|s| match s.regions.get(class) {
         Some(cell) if !s.closed.get() && cell.get().is_null() => {
             cell.set(region);
