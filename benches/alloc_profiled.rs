@@ -24,15 +24,12 @@ fn main() {
     // The variant measured second runs on a heap and caches the first one left behind:
     // `PROFILED_BENCH_REVERSE=1` measures sampling first, so that rounds of both orders
     // (scripts/profiled-bench.sh alternates them) cancel that out.
-    let mut variants = [("profiled_off", 0), ("profiled_512k", 512 << 10)];
     if std::env::var_os("PROFILED_BENCH_REVERSE").is_some() {
-        variants.reverse();
-    }
-    for (name, interval) in variants {
-        memtel::alloc::set_heap_sample_interval(interval);
-        workloads::bench_churn(&mut c, name, &scope);
-        workloads::bench_realistic(&mut c, name, &scope);
-        workloads::bench_dom(&mut c, name, &scope, &corpus);
+        variant(&mut c, "profiled_512k", 512 << 10, &scope, &corpus);
+        variant(&mut c, "profiled_off", 0, &scope, &corpus);
+    } else {
+        variant(&mut c, "profiled_off", 0, &scope, &corpus);
+        variant(&mut c, "profiled_512k", 512 << 10, &scope, &corpus);
     }
     let samples: usize = memtel::profile::heap_profile().samples.len();
     eprintln!(
@@ -41,4 +38,12 @@ fn main() {
     );
     memtel::alloc::set_heap_sample_interval(0);
     c.final_summary();
+}
+
+/// Every workload with sampling at `interval` (0: off), as `name`.
+fn variant(c: &mut workloads::Bench, name: &str, interval: u64, scope: &InComponent, corpus: &DomCorpus) {
+    memtel::alloc::set_heap_sample_interval(interval);
+    workloads::bench_churn(c, name, scope);
+    workloads::bench_realistic(c, name, scope);
+    workloads::bench_dom(c, name, scope, corpus);
 }

@@ -263,25 +263,11 @@ impl<A: GlobalAlloc + 'static> TrackingAllocator<A> {
         };
         #[cfg(not(feature = "jemalloc"))]
         let small: Option<usize> = None;
-        let ptr = if let Some(_class) = small {
+        let ptr = match small {
             #[cfg(feature = "jemalloc")]
-            match spares::take(_class) {
-                Some(spare) => {
-                    if zeroed {
-                        spare.write_bytes(0, tagged.size());
-                    }
-                    spare
-                }
-                None => small_tagged(tagged, zeroed),
-            }
-            #[cfg(not(feature = "jemalloc"))]
-            {
-                std::ptr::null_mut()
-            }
-        } else if zeroed {
-            self.inner.alloc_zeroed(tagged)
-        } else {
-            self.inner.alloc(tagged)
+            Some(class) => small_sampled(tagged, zeroed, class),
+            _ if zeroed => self.inner.alloc_zeroed(tagged),
+            _ => self.inner.alloc(tagged),
         };
         if ptr.is_null() {
             return ptr;
@@ -472,8 +458,11 @@ impl<A: GlobalAlloc + 'static> TrackingAllocator<A> {
     #[inline(never)]
     unsafe fn dealloc_tagged_outlined(&self, ptr: *mut u8, layout: Layout) {
         #[cfg(feature = "profiling")]
-        if self.sampled(ptr.add(layout.size()).read()) {
-            return self.dealloc_sampled(ptr, layout);
+        {
+            let tag = ptr.add(layout.size()).read();
+            if self.sampled(tag) {
+                return self.dealloc_sampled(ptr, layout, tag);
+            }
         }
         self.dealloc_tagged(ptr, layout)
     }
@@ -484,8 +473,7 @@ impl<A: GlobalAlloc + 'static> TrackingAllocator<A> {
     #[cfg(feature = "profiling")]
     #[cold]
     #[inline(never)]
-    unsafe fn dealloc_sampled(&self, ptr: *mut u8, layout: Layout) {
-        let tag = ptr.add(layout.size()).read();
+    unsafe fn dealloc_sampled(&self, ptr: *mut u8, layout: Layout, tag: u8) {
         let Some(class) = classes::placed_class(layout.size() + 1, layout.align()) else {
             return self.dealloc_tagged(ptr, layout);
         };
@@ -608,6 +596,20 @@ unsafe fn small_tagged(tagged: Layout, zeroed: bool) -> *mut u8 {
         flags |= sys::MALLOCX_ZERO;
     }
     sys::mallocx(tagged.size(), flags).cast()
+}
+
+/// A small sampled allocation of `class` over jemalloc: the thread's spare region of that
+/// class if it keeps one (`spares`), else a new one from [`small_tagged`].
+#[cfg(all(feature = "jemalloc", feature = "profiling"))]
+#[cold]
+unsafe fn small_sampled(tagged: Layout, zeroed: bool, class: usize) -> *mut u8 {
+    let Some(spare) = spares::take(class) else {
+        return small_tagged(tagged, zeroed);
+    };
+    if zeroed {
+        spare.write_bytes(0, tagged.size());
+    }
+    spare
 }
 
 // SAFETY: a tagged allocation is made, resized and freed by the inner allocator with

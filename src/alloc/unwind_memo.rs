@@ -227,59 +227,52 @@ mod tests {
         move |addr| words[((addr - 0x1000) / 8) as usize]
     }
 
-    #[test]
-    fn a_stack_is_recalled_only_while_its_reads_read_the_same() {
+    /// Recalls from `memo` with the stack `words` (see [`stack`]).
+    fn recall(memo: &mut Memo, sp: u64, bp: u64, frames: &mut [usize], words: &[u64]) -> Option<usize> {
+        memo.recall(sp, bp, frames, stack(words), reader(words))
+    }
+
+    /// A memo that remembers the stack [7, 8, 9] from 0x1000, whose unwind read 20 at
+    /// 0x1008 and 40 at 0x1018, for any frame-pointer register.
+    fn memo_of_two_reads() -> Memo {
         let mut memo = Memo::new();
-        let mut words = vec![10, 20, 30, 40];
         let mut r = memo.record();
         r.read(0x1008, 20);
         r.read(0x1018, 40);
         r.keep(0x1000, NO_FRAME_POINTER, &[7, 8, 9], false, u128::MAX);
+        memo
+    }
+
+    #[test]
+    fn a_stack_is_recalled_only_while_its_reads_read_the_same() {
+        let mut memo = memo_of_two_reads();
+        let mut words = vec![10, 20, 30, 40];
         let mut frames = [0usize; DEPTH];
-        assert_eq!(
-            memo.recall(0x1000, 0x77, &mut frames, stack(&words), reader(&words)),
-            Some(3)
-        );
+        assert_eq!(recall(&mut memo, 0x1000, 0x77, &mut frames, &words), Some(3));
         assert_eq!(frames[..3], [7, 8, 9]);
         // Another stack pointer, or a word it read changed: not recalled.
-        assert_eq!(
-            memo.recall(0x1010, 0x77, &mut frames, stack(&words), reader(&words)),
-            None
-        );
+        assert_eq!(recall(&mut memo, 0x1010, 0x77, &mut frames, &words), None);
         words[3] = 41;
-        assert_eq!(
-            memo.recall(0x1000, 0x77, &mut frames, stack(&words), reader(&words)),
-            None
-        );
+        assert_eq!(recall(&mut memo, 0x1000, 0x77, &mut frames, &words), None);
         // Any frame-pointer register, as the unwind did not use it; a word it did not
         // read may change.
         words[3] = 40;
         words[0] = 11;
-        assert_eq!(
-            memo.recall(0x1000, 0x77, &mut frames, stack(&words), reader(&words)),
-            Some(3)
-        );
+        assert_eq!(recall(&mut memo, 0x1000, 0x77, &mut frames, &words), Some(3));
     }
 
     #[test]
     fn a_stack_whose_reads_lie_beyond_the_stack_is_not_recalled_and_not_read() {
-        let mut memo = Memo::new();
-        let mut r = memo.record();
-        r.read(0x1008, 20);
-        r.read(0x1018, 40);
-        r.keep(0x1000, NO_FRAME_POINTER, &[7, 8, 9], false, u128::MAX);
+        let mut memo = memo_of_two_reads();
         let mut frames = [0usize; DEPTH];
         // The stack now ends at 0x1010: the reader would panic beyond it.
         let words = [10, 20];
-        assert_eq!(memo.recall(0x1000, 0, &mut frames, stack(&words), reader(&words)), None);
+        assert_eq!(recall(&mut memo, 0x1000, 0, &mut frames, &words), None);
         // Starting above the lowest read: not recalled either.
         let words = [10, 20, 30, 40];
         let above = (0x1010, 0x1020);
         assert_eq!(memo.recall(0x1000, 0, &mut frames, above, reader(&words)), None);
-        assert_eq!(
-            memo.recall(0x1000, 0, &mut frames, stack(&words), reader(&words)),
-            Some(3)
-        );
+        assert_eq!(recall(&mut memo, 0x1000, 0, &mut frames, &words), Some(3));
     }
 
     #[test]
@@ -297,12 +290,9 @@ mod tests {
         r.keep(0x1000, NO_FRAME_POINTER, &[7, 20, 40], false, 0b110);
         let mut frames = [0usize; DEPTH];
         words[0] = 99;
-        assert_eq!(
-            memo.recall(0x1000, 0, &mut frames, stack(&words), reader(&words)),
-            Some(3)
-        );
+        assert_eq!(recall(&mut memo, 0x1000, 0, &mut frames, &words), Some(3));
         words[1] = 21;
-        assert_eq!(memo.recall(0x1000, 0, &mut frames, stack(&words), reader(&words)), None);
+        assert_eq!(recall(&mut memo, 0x1000, 0, &mut frames, &words), None);
     }
 
     #[test]
@@ -310,14 +300,8 @@ mod tests {
         let mut memo = Memo::new();
         let words = [0u64; 1];
         memo.record().keep(0x1000, 0x1040, &[5], false, u128::MAX);
-        assert_eq!(
-            memo.recall(0x1000, 0x1048, &mut [0; 8], stack(&words), reader(&words)),
-            None
-        );
-        assert_eq!(
-            memo.recall(0x1000, 0x1040, &mut [0; 8], stack(&words), reader(&words)),
-            Some(1)
-        );
+        assert_eq!(recall(&mut memo, 0x1000, 0x1048, &mut [0; 8], &words), None);
+        assert_eq!(recall(&mut memo, 0x1000, 0x1040, &mut [0; 8], &words), Some(1));
     }
 
     #[test]
@@ -325,17 +309,14 @@ mod tests {
         let mut memo = Memo::new();
         let words = [1u64; 4];
         memo.record().keep(0x1000, NO_FRAME_POINTER, &[1, 2], true, u128::MAX);
-        assert_eq!(
-            memo.recall(0x1000, 0, &mut [0; 2], stack(&words), reader(&words)),
-            Some(2)
-        );
-        assert_eq!(memo.recall(0x1000, 0, &mut [0; 8], stack(&words), reader(&words)), None);
+        assert_eq!(recall(&mut memo, 0x1000, 0, &mut [0; 2], &words), Some(2));
+        assert_eq!(recall(&mut memo, 0x1000, 0, &mut [0; 8], &words), None);
         let mut r = memo.record();
         for i in 0..=READS as u64 {
             r.read(0x1000, i);
         }
         r.keep(0x2000, NO_FRAME_POINTER, &[1], false, u128::MAX);
-        assert_eq!(memo.recall(0x2000, 0, &mut [0; 8], stack(&words), reader(&words)), None);
+        assert_eq!(recall(&mut memo, 0x2000, 0, &mut [0; 8], &words), None);
     }
 
     #[test]
@@ -352,11 +333,7 @@ mod tests {
         let mut frames = [0usize; DEPTH];
         for path in 0..ENTRIES as u64 {
             words[0] = 100 + path;
-            assert_eq!(
-                memo.recall(sp, 0, &mut frames, stack(&words), reader(&words)),
-                Some(1),
-                "path {path}"
-            );
+            assert_eq!(recall(&mut memo, sp, 0, &mut frames, &words), Some(1), "path {path}");
             assert_eq!(frames[0], path as usize);
         }
         // Path 0 was recalled longest ago: a new path replaces it and only it.
@@ -364,19 +341,15 @@ mod tests {
         r.read(0x1000, 999);
         r.keep(sp, NO_FRAME_POINTER, &[999], false, u128::MAX);
         words[0] = 100;
-        assert_eq!(memo.recall(sp, 0, &mut frames, stack(&words), reader(&words)), None);
+        assert_eq!(recall(&mut memo, sp, 0, &mut frames, &words), None);
         for path in 1..ENTRIES as u64 {
             words[0] = 100 + path;
-            assert_eq!(
-                memo.recall(sp, 0, &mut frames, stack(&words), reader(&words)),
-                Some(1),
-                "path {path}"
-            );
+            assert_eq!(recall(&mut memo, sp, 0, &mut frames, &words), Some(1), "path {path}");
         }
         words[0] = 999;
-        assert_eq!(memo.recall(sp, 0, &mut frames, stack(&words), reader(&words)), Some(1));
+        assert_eq!(recall(&mut memo, sp, 0, &mut frames, &words), Some(1));
         assert_eq!(frames[0], 999);
         // A stack pointer never seen: nothing.
-        assert_eq!(memo.recall(0x2000, 0, &mut frames, stack(&words), reader(&words)), None);
+        assert_eq!(recall(&mut memo, 0x2000, 0, &mut frames, &words), None);
     }
 }
